@@ -1,0 +1,169 @@
+"""The ``Broker`` interface and how a URL picks an implementation.
+
+Two implementations share these semantics: ``amqp://``/``amqps://`` (RabbitMQ through pika,
+``messages.rabbitmq``) and ``memory://`` (an in-process broker, ``messages.memory``). Both
+give real queues, fanout, manual acks, redelivery of unacked messages, dead-lettering and
+max-length overflow, so the contract tests run the same assertions against both.
+
+A broker object is one connection with one channel and, like pika's BlockingConnection, it
+is not thread-safe: one thread calls its methods and runs ``process_events``, which is where
+consumer handlers run. Other threads hand work to that thread with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from messages.errors import ConfigError
+
+Headers = dict[str, Any]
+Handler = Callable[["Delivery"], None]
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A message handed to a consumer; ack or nack it through the broker that delivered it."""
+
+    body: bytes
+    tag: int
+    queue: str
+    headers: Headers = field(default_factory=dict)
+    redelivered: bool = False
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+
+def check_headers(headers: Mapping[str, Any] | None) -> Headers:
+    """AMQP tables (as pika encodes them) cannot carry floats; refuse them on both brokers."""
+    out: Headers = dict(headers or {})
+    for key, value in out.items():
+        if isinstance(value, float):
+            raise ValueError(f"header {key!r} is a float; send it as a string or an int")
+    return out
+
+
+class Broker(abc.ABC):
+    """One connection + channel to a message broker. See the module docstring."""
+
+    url: str
+
+    # -- topology --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> None:
+        """Declare an exchange (``fanout`` or ``direct``); idempotent."""
+
+    @abc.abstractmethod
+    def declare_queue(self, name: str, *, durable: bool = True, exclusive: bool = False,
+                      auto_delete: bool = False, arguments: Mapping[str, Any] | None = None
+                      ) -> None:
+        """Declare a queue; idempotent, but different arguments for an existing queue raise
+        ``AccessRefused`` (RabbitMQ's PRECONDITION_FAILED)."""
+
+    @abc.abstractmethod
+    def bind(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        """Route ``exchange``'s messages (with ``routing_key`` for direct ones) to ``queue``."""
+
+    @abc.abstractmethod
+    def delete_queue(self, name: str) -> None:
+        """Delete a queue and the messages in it (missing queues are fine)."""
+
+    @abc.abstractmethod
+    def queue_depth(self, name: str) -> int:
+        """Messages ready in ``name`` (not counting unacked ones)."""
+
+    # -- publishing ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def publish(self, exchange: str, routing_key: str, body: bytes, *,
+                headers: Mapping[str, Any] | None = None, persistent: bool = True,
+                mandatory: bool = False, reply_to: str | None = None,
+                correlation_id: str | None = None) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises ``PublishRejected`` when the broker nacks (e.g. a full ``reject-publish``
+        queue) or, with ``mandatory``, when no queue took the message. Returning means the
+        broker has the message (on disk, for persistent messages on durable queues).
+        """
+
+    # -- consuming -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def consume(self, queue: str, handler: Handler, *, prefetch: int = 0,
+                auto_ack: bool = False) -> str:
+        """Start delivering ``queue``'s messages to ``handler`` (during ``process_events``).
+
+        ``prefetch`` bounds unacked deliveries to this consumer (0: unbounded). Returns a
+        consumer tag for ``cancel``.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, consumer_tag: str) -> None:
+        """Stop a consumer; its unacked deliveries stay unacked until acked or the close."""
+
+    @abc.abstractmethod
+    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
+        """Acknowledge ``delivery`` (and, with ``multiple``, every earlier one)."""
+
+    @abc.abstractmethod
+    def nack(self, delivery: Delivery, *, requeue: bool = False) -> None:
+        """Reject ``delivery``: back to its queue, or to the queue's dead-letter exchange."""
+
+    @abc.abstractmethod
+    def get(self, queue: str) -> Delivery | None:
+        """Take one message without a consumer (auto-acked); ``None`` when empty."""
+
+    # -- request/reply ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def call(self, queue: str, body: bytes, *, timeout: float,
+             headers: Mapping[str, Any] | None = None) -> Delivery:
+        """Send ``body`` to ``queue`` and wait for the reply (``RpcTimeout`` after ``timeout``).
+
+        The server answers with ``reply(request, body)``.
+        """
+
+    def reply(self, request: Delivery, body: bytes, *,
+              headers: Mapping[str, Any] | None = None) -> None:
+        """Answer an RPC request that arrived with ``reply_to``."""
+        if request.reply_to:
+            self.publish("", request.reply_to, body, headers=headers, persistent=False,
+                         correlation_id=request.correlation_id)
+
+    # -- the event loop --------------------------------------------------------------------
+    @abc.abstractmethod
+    def process_events(self, timeout: float) -> None:
+        """Run handlers and thread-safe callbacks; block up to ``timeout`` s for the first."""
+
+    @abc.abstractmethod
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the thread that runs ``process_events`` (safe from any thread)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection; unacked deliveries go back to their queues (redelivered)."""
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str, **options: Any) -> Broker:
+    """Open a broker connection for ``url``: ``memory://[name]``, ``amqp://`` or ``amqps://``.
+
+    Raises ``ConfigError`` for other schemes and ``ConnectionLost``/``AccessRefused`` when the
+    broker cannot be reached or refuses us.
+    """
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        from messages.memory import MemoryBroker
+
+        return MemoryBroker(url)
+    if scheme in ("amqp", "amqps"):
+        from messages.rabbitmq import RabbitBroker  # the only module that imports pika
+
+        return RabbitBroker(url, **options)
+    raise ConfigError(f"broker URL {url!r}: use memory:// or amqp://user:pass@host:5672/vhost "
+                      "(amqps:// for TLS)")

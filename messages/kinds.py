@@ -1,0 +1,116 @@
+"""The message kinds that travel between parties and the aggregator.
+
+Each kind is a plain dataclass; ``messages.codec`` turns them into msgpack maps and back and
+checks every field's type on the way in. Field annotations are the schema: the codec reads
+them, so adding a field here is the whole change (old peers ignore unknown keys; a new
+required field needs a schema version bump).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from messages.types import Settings, Tensors
+
+
+@dataclass(slots=True)
+class Update:
+    """A party's weight delta ``w_local - w_base`` trained from model version ``base_version``.
+
+    ``(party, seq)`` is unique per update: ``seq`` increases by one per update a party sends,
+    across restarts, so the aggregator can drop redeliveries and replays.
+    """
+
+    KIND: ClassVar[str] = "update"
+    party: str
+    seq: int
+    base_version: int
+    num_samples: int
+    tensors: Tensors
+    metrics: dict[str, float] = field(default_factory=dict)
+    encoding: str = "float32"
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Model:
+    """A global model version, broadcast on the ``F.models`` fanout."""
+
+    KIND: ClassVar[str] = "model"
+    version: int
+    tensors: Tensors
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Join:
+    """A party asks to take part (RPC on ``F.control``; the reply is a ``Welcome``).
+
+    ``tensors`` holds the party's freshly initialised weights: the aggregator adopts the first
+    ones it sees as version 0 when it was not given a starting model, so the aggregator never
+    needs TensorFlow to build a model (as Flower asks a client for initial parameters).
+    """
+
+    KIND: ClassVar[str] = "join"
+    party: str
+    num_samples: int
+    tensors: Tensors
+    software: str = ""
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Welcome:
+    """The aggregator's answer to a ``Join``.
+
+    When ``accepted`` is false, ``reason`` says why and the party must stop. ``tensors`` is the
+    current global model (empty until ``--min-parties`` have joined: the first model then comes
+    on the party's model queue). ``last_seq`` is the last ``seq`` the aggregator holds for this
+    party, so a restarted party continues after it.
+    """
+
+    KIND: ClassVar[str] = "welcome"
+    party: str
+    accepted: bool
+    reason: str
+    version: int
+    last_seq: int
+    settings: Settings
+    tensors: Tensors
+
+
+@dataclass(slots=True)
+class Leave:
+    """A party says goodbye (SIGTERM, end of data); the aggregator stops waiting for it."""
+
+    KIND: ClassVar[str] = "leave"
+    party: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    """A party is alive (sent while it trains); renews its membership lease."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    party: str
+    version: int
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class Stop:
+    """The federation is over (target or limit reached); workers exit when they see it."""
+
+    KIND: ClassVar[str] = "stop"
+    version: int
+    reason: str
+
+
+Message = Update | Model | Join | Welcome | Leave | Heartbeat | Stop
+
+KINDS: dict[str, type[Message]] = {
+    cls.KIND: cls for cls in (Update, Model, Join, Welcome, Leave, Heartbeat, Stop)
+}

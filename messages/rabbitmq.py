@@ -1,0 +1,201 @@
+"""``amqp://`` and ``amqps://``: RabbitMQ through pika. The only module that imports pika.
+
+One BlockingConnection with one channel in publisher-confirm mode. pika's errors are turned
+into the project's tree here (``ConnectionLost`` when reconnecting can help, ``AccessRefused``
+when the broker refused on purpose), so callers never catch pika types.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlparse
+
+import pika
+import pika.exceptions as pe
+
+from messages.broker import Broker, Delivery, Handler, check_headers
+from messages.errors import AccessRefused, BrokerError, ConnectionLost, PublishRejected, RpcTimeout
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# Broker close codes that retrying cannot fix: access refused, precondition failed (a queue
+# declared with other arguments), not allowed (vhost), and resource locked (exclusive queue).
+_REFUSALS = {403, 405, 406, 530}
+
+
+def _redact(url: str) -> str:
+    p = urlparse(url)
+    if p.password:
+        return url.replace(f":{p.password}@", ":***@", 1)
+    return url
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Map pika's exceptions onto the project's at the boundary."""
+    try:
+        yield
+    except (pe.UnroutableError, pe.NackError) as exc:
+        raise PublishRejected(f"{what}: broker did not take the message ({exc})") from None
+    except (pe.ChannelClosedByBroker, pe.ConnectionClosedByBroker) as exc:
+        text = f"{what}: {exc.reply_code} {exc.reply_text}"
+        if exc.reply_code in _REFUSALS:
+            raise AccessRefused(text) from None
+        if exc.reply_code == 404:
+            raise AccessRefused(text) from None
+        raise ConnectionLost(text) from None
+    except (pe.ProbableAuthenticationError, pe.AuthenticationError) as exc:
+        raise AccessRefused(f"{what}: login refused, check the user and password ({exc})"
+                            ) from None
+    except pe.ProbableAccessDeniedError as exc:
+        raise AccessRefused(f"{what}: access to the vhost refused ({exc})") from None
+    except (pe.AMQPConnectionError, pe.AMQPChannelError, pe.ChannelWrongStateError,
+            pe.ConnectionWrongStateError, ConnectionError, OSError) as exc:
+        raise ConnectionLost(f"{what}: {type(exc).__name__} {exc}") from None
+    except pe.AMQPError as exc:
+        raise BrokerError(f"{what}: {type(exc).__name__} {exc}") from None
+
+
+class RabbitBroker(Broker):
+    """A connection to RabbitMQ; see ``messages.broker.Broker`` for the semantics."""
+
+    def __init__(self, url: str, *, heartbeat: int | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.url = url
+        params = pika.URLParameters(url)
+        if heartbeat is not None:
+            params.heartbeat = heartbeat
+        if ssl_context is not None:
+            params.ssl_options = pika.SSLOptions(ssl_context, urlparse(url).hostname)
+        params.connection_attempts = 1
+        with _translated(f"connecting to {_redact(url)}"):
+            self._conn = pika.BlockingConnection(params)
+            self._ch = self._conn.channel()
+            self._ch.confirm_delivery()
+        self._replies: dict[str, Delivery] = {}
+        self._replying = False
+
+    def _channel(self) -> Any:
+        """The channel, reopened if the broker closed it after a refused operation."""
+        if not self._ch.is_open:
+            with _translated("reopening the channel"):
+                self._ch = self._conn.channel()
+                self._ch.confirm_delivery()
+                self._replying = False
+        return self._ch
+
+    # -- topology --------------------------------------------------------------------------
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> None:
+        with _translated(f"declaring exchange {name!r}"):
+            self._channel().exchange_declare(exchange=name, exchange_type=kind, durable=durable)
+
+    def declare_queue(self, name: str, *, durable: bool = True, exclusive: bool = False,
+                      auto_delete: bool = False, arguments: Mapping[str, Any] | None = None
+                      ) -> None:
+        with _translated(f"declaring queue {name!r}"):
+            self._channel().queue_declare(queue=name, durable=durable, exclusive=exclusive,
+                                          auto_delete=auto_delete,
+                                          arguments=dict(arguments or {}))
+
+    def bind(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        with _translated(f"binding {queue!r} to {exchange!r}"):
+            self._channel().queue_bind(queue=queue, exchange=exchange, routing_key=routing_key)
+
+    def delete_queue(self, name: str) -> None:
+        with _translated(f"deleting queue {name!r}"):
+            self._channel().queue_delete(queue=name)
+
+    def queue_depth(self, name: str) -> int:
+        with _translated(f"inspecting queue {name!r}"):
+            ok = self._channel().queue_declare(queue=name, passive=True)
+        return int(ok.method.message_count)
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, exchange: str, routing_key: str, body: bytes, *,
+                headers: Mapping[str, Any] | None = None, persistent: bool = True,
+                mandatory: bool = False, reply_to: str | None = None,
+                correlation_id: str | None = None) -> None:
+        props = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent if persistent else None,
+            headers=check_headers(headers) or None, reply_to=reply_to,
+            correlation_id=correlation_id)
+        with _translated(f"publishing to {exchange or routing_key!r}"):
+            self._channel().basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                                          properties=props, mandatory=mandatory)
+
+    # -- consuming -------------------------------------------------------------------------
+    def consume(self, queue: str, handler: Handler, *, prefetch: int = 0,
+                auto_ack: bool = False) -> str:
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            handler(Delivery(body, method.delivery_tag, queue, dict(props.headers or {}),
+                             bool(method.redelivered), props.reply_to, props.correlation_id))
+
+        with _translated(f"consuming {queue!r}"):
+            ch = self._channel()
+            if not auto_ack:
+                ch.basic_qos(prefetch_count=prefetch)
+            return str(ch.basic_consume(queue=queue, on_message_callback=on_message,
+                                        auto_ack=auto_ack))
+
+    def cancel(self, consumer_tag: str) -> None:
+        with _translated("cancelling a consumer"):
+            self._channel().basic_cancel(consumer_tag)
+
+    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
+        with _translated("acking"):
+            self._ch.basic_ack(delivery_tag=delivery.tag, multiple=multiple)
+
+    def nack(self, delivery: Delivery, *, requeue: bool = False) -> None:
+        with _translated("nacking"):
+            self._ch.basic_nack(delivery_tag=delivery.tag, requeue=requeue)
+
+    def get(self, queue: str) -> Delivery | None:
+        with _translated(f"getting from {queue!r}"):
+            method, props, body = self._channel().basic_get(queue=queue, auto_ack=True)
+        if method is None:
+            return None
+        return Delivery(body, method.delivery_tag, queue, dict(props.headers or {}),
+                        bool(method.redelivered), props.reply_to, props.correlation_id)
+
+    # -- request/reply ---------------------------------------------------------------------
+    def call(self, queue: str, body: bytes, *, timeout: float,
+             headers: Mapping[str, Any] | None = None) -> Delivery:
+        if not self._replying:
+            # Direct reply-to: no reply queue to declare; the consumer must exist before the
+            # request is published.
+            self.consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+            self._replying = True
+        cid = uuid.uuid4().hex
+        self.publish("", queue, body, headers=headers, persistent=False, mandatory=True,
+                     reply_to=DIRECT_REPLY_TO, correlation_id=cid)
+        deadline = time.monotonic() + timeout
+        while cid not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RpcTimeout(f"no reply from {queue!r} within {timeout:g} s")
+            self.process_events(min(remaining, 1.0))
+        return self._replies.pop(cid)
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        if delivery.correlation_id:
+            self._replies[delivery.correlation_id] = delivery
+
+    # -- event loop ------------------------------------------------------------------------
+    def process_events(self, timeout: float) -> None:
+        with _translated("processing events"):
+            self._conn.process_data_events(time_limit=max(timeout, 0.0))
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        with _translated("scheduling a callback"):
+            self._conn.add_callback_threadsafe(fn)
+
+    def close(self) -> None:
+        try:
+            if self._conn.is_open:
+                self._conn.close()
+        except pe.AMQPError:
+            pass  # closing a connection that is already going away is not an error

@@ -1,0 +1,105 @@
+"""Queue and exchange names of one federation, and their declaration.
+
+Every name is prefixed by the federation id ``F`` so several federations share a vhost:
+
+- ``F.updates``  durable queue (quorum by default), parties -> aggregator, dead-letters to
+  ``F.dead``; optional max length with ``reject-publish`` (backpressure).
+- ``F.control``  durable queue for join (RPC) / leave / heartbeat, dead-letters to ``F.dead``.
+- ``F.models``   fanout exchange, aggregator -> parties; each party binds its own exclusive
+  ``F.models.<party>`` queue holding only the newest model (max-length 1, drop-head).
+- ``F.dead``     fanout exchange + durable queue holding every rejected message, with the
+  reason in the ``x-dfl-reason`` header.
+
+Parties and aggregator both declare the shared part (declaring is idempotent), so whichever
+starts first creates it; declaring with different arguments is refused by the broker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from messages.broker import Broker, Delivery
+from messages.errors import ConfigError, InvalidMessage
+
+REASON_HEADER = "x-dfl-reason"
+DETAIL_HEADER = "x-dfl-detail"
+QUEUE_TYPES = ("quorum", "classic")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_name(what: str, value: str) -> str:
+    """Federation and party ids become queue names: keep them short and plain."""
+    if not _NAME.match(value):
+        raise ConfigError(f"{what} {value!r}: use 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The names of federation ``federation`` and how to declare them."""
+
+    federation: str
+    queue_type: str = "quorum"
+    updates_max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_name("federation id", self.federation)
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigError(f"queue type {self.queue_type!r}: use one of {QUEUE_TYPES}")
+
+    @property
+    def updates(self) -> str:
+        return f"{self.federation}.updates"
+
+    @property
+    def control(self) -> str:
+        return f"{self.federation}.control"
+
+    @property
+    def models(self) -> str:
+        return f"{self.federation}.models"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.federation}.dead"
+
+    def model_queue(self, party: str) -> str:
+        return f"{self.federation}.models.{party}"
+
+    def declare(self, broker: Broker) -> None:
+        """Declare the shared exchanges and queues (idempotent)."""
+        broker.declare_exchange(self.dead, "fanout")
+        broker.declare_queue(self.dead, arguments={"x-queue-type": self.queue_type})
+        broker.bind(self.dead, self.dead)
+        updates_args: dict[str, Any] = {"x-queue-type": self.queue_type,
+                                        "x-dead-letter-exchange": self.dead}
+        if self.updates_max_length is not None:
+            updates_args["x-max-length"] = self.updates_max_length
+            updates_args["x-overflow"] = "reject-publish"
+        broker.declare_queue(self.updates, arguments=updates_args)
+        broker.declare_queue(self.control, arguments={"x-queue-type": self.queue_type,
+                                                      "x-dead-letter-exchange": self.dead})
+        broker.declare_exchange(self.models, "fanout")
+
+    def declare_model_queue(self, broker: Broker, party: str) -> str:
+        """The party's own queue on the model fanout: only ever the newest model."""
+        name = self.model_queue(party)
+        broker.declare_queue(name, durable=False, exclusive=True, auto_delete=True,
+                             arguments={"x-max-length": 1, "x-overflow": "drop-head"})
+        broker.bind(name, self.models)
+        return name
+
+    def dead_letter(self, broker: Broker, delivery: Delivery, error: InvalidMessage) -> None:
+        """Move ``delivery`` to ``F.dead`` with its reason, then ack the original.
+
+        The copy is confirmed before the ack, so a crash in between leaves a redelivery
+        (handled again), never a loss.
+        """
+        headers = dict(delivery.headers)
+        headers[REASON_HEADER] = error.reason
+        headers[DETAIL_HEADER] = error.detail[:500]
+        headers["x-dfl-queue"] = delivery.queue
+        broker.publish(self.dead, "", delivery.body, headers=headers)
+        broker.ack(delivery)

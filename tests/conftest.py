@@ -1,0 +1,109 @@
+"""Fixtures for both brokers.
+
+RabbitMQ comes from testcontainers where a Docker engine is reachable, otherwise from
+``DFL_TEST_AMQP_URL`` (default: the local broker). Without either, broker tests skip on a
+laptop but fail when ``CI`` is set, so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from messages.broker import Broker, connect
+from messages.errors import BrokerError
+from messages.topology import Topology
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def _container_url() -> Iterator[str] | None:
+    try:
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:3.13-management")
+    except Exception:  # docker.errors.DockerException: no engine here
+        return None
+
+    def run() -> Iterator[str]:
+        with container as rabbit:
+            host, port = rabbit.get_container_host_ip(), rabbit.get_exposed_port(5672)
+            yield f"amqp://guest:guest@{host}:{port}/%2F"
+
+    return run()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A reachable RabbitMQ URL, or skip (fail under CI)."""
+    from_container = None if os.environ.get("DFL_TEST_AMQP_URL") else _container_url()
+    if from_container is not None:
+        yield from from_container
+        return
+    url = os.environ.get("DFL_TEST_AMQP_URL", DEFAULT_AMQP_URL)
+    try:
+        connect(url).close()
+    except BrokerError as exc:
+        message = f"no RabbitMQ for broker tests ({exc}); set DFL_TEST_AMQP_URL"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield url
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each contract test runs once per broker."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex[:8]}"
+    request.applymarker(pytest.mark.rabbitmq)
+    return str(request.getfixturevalue("amqp_url"))
+
+
+@pytest.fixture
+def federation() -> str:
+    """A fresh federation id, so runs never see each other's messages."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def topology(federation: str) -> Topology:
+    return Topology(federation)
+
+
+class Brokers:
+    """Opens connections to the broker under test and cleans up after the test."""
+
+    def __init__(self, url: str, topology: Topology) -> None:
+        self.url = url
+        self.topology = topology
+        self.opened: list[Broker] = []
+        self.queues: list[str] = [topology.updates, topology.control, topology.dead]
+
+    def open(self) -> Broker:
+        b = connect(self.url)
+        self.opened.append(b)
+        return b
+
+    def queue(self, suffix: str) -> str:
+        """A queue name of this test's federation, deleted at teardown."""
+        name = f"{self.topology.federation}.{suffix}"
+        self.queues.append(name)
+        return name
+
+    def close(self) -> None:
+        for b in self.opened:
+            b.close()
+        with connect(self.url) as cleaner:
+            for name in self.queues:
+                cleaner.delete_queue(name)
+
+
+@pytest.fixture
+def brokers(broker_url: str, topology: Topology) -> Iterator[Brokers]:
+    b = Brokers(broker_url, topology)
+    yield b
+    b.close()
