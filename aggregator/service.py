@@ -1,0 +1,344 @@
+"""The aggregator daemon: wires strategies, membership and evaluation to the broker.
+
+One thread owns the broker connection and runs every handler: decode and validate an
+update, fold it into the global weights with the strategy, broadcast the new version, ack.
+Evaluation runs on its own thread (``aggregator.evaluation``). Nothing here does math
+itself: ``aggregator.strategies`` and ``aggregator.staleness`` are pure numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.evaluation import EvalRecord, Evaluator
+from aggregator.membership import Membership
+from aggregator.staleness import make_staleness
+from aggregator.strategies import Contribution, Outcome, make_strategy
+from messages.broker import Broker, Delivery, connect
+from messages.codec import decode, encode
+from messages.errors import FederationError, InvalidMessage
+from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Update, Welcome
+from messages.plugins import build_model
+from messages.topology import Topology
+from messages.types import NDArrays, Tensors, TensorSpec, spec_of
+
+log = logging.getLogger("dfl.aggregator")
+
+
+@dataclass(slots=True)
+class Status:
+    """A snapshot of the aggregator for progress bars and notebooks."""
+
+    version: int = -1
+    released: bool = False
+    updates: int = 0
+    duplicates: int = 0
+    discarded: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    accuracy: float | None = None
+    updates_per_second: float = 0.0
+    active_parties: int = 0
+    finished: str | None = None
+
+
+class Aggregator:
+    """The aggregation service. ``run()`` blocks; ``start()`` runs it on a thread.
+
+    >>> agg = Aggregator(AggregatorConfig(broker="memory://", target_accuracy=0.98)).start()
+    >>> ... start parties ...
+    >>> agg.wait(); agg.history[-1]["accuracy"]; model = agg.global_model()
+    """
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.topology = Topology(config.federation, config.queue_type)
+        staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
+        self.strategy = make_strategy(config.strategy, staleness=staleness, alpha=config.mixing_alpha,
+                                      k=config.buffer_k, eta=config.eta)
+        self.membership = Membership(config.lease_seconds)
+        self.names: list[str] = []
+        self.weights: NDArrays = []
+        self.spec: TensorSpec = ()
+        self.last_seq: dict[str, int] = {}
+        self.status = Status()
+        self.evaluator = (Evaluator(config.model, config.data, config.data_dir, config.seed,
+                                    config.eval_log) if config.evaluate else None)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._broker: Broker | None = None
+        self._started = 0.0
+        self._applied_times: deque[float] = deque(maxlen=200)
+        self._last_eval_version = -1
+        self._last_eval_at = 0.0
+        self.error: BaseException | None = None
+
+    # -- public API ------------------------------------------------------------------------
+    def start(self) -> Aggregator:
+        """Run the service on a background thread (for notebooks and the one-machine run)."""
+        self._thread = threading.Thread(target=self._run_catching, name="aggregator",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a started aggregator to finish; True when it has. Re-raises its error."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def stop(self) -> None:
+        """Ask the service to finish (safe from any thread and from signal handlers)."""
+        self._stop.set()
+
+    @property
+    def version(self) -> int:
+        return self.status.version
+
+    @property
+    def history(self) -> list[EvalRecord]:
+        """The evaluation log so far (the same records as the JSONL file)."""
+        return list(self.evaluator.history) if self.evaluator else []
+
+    def global_model(self) -> Any:
+        """The current global weights in a fresh Keras model built by the model plug-in."""
+        return build_model(self.config.model, self.config.seed, [w.copy() for w in self.weights])
+
+    def _run_catching(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            self.error = exc
+            log.error("aggregator stopped: %s", exc)
+
+    # -- the service loop ------------------------------------------------------------------
+    def run(self) -> Status:
+        """Serve until the target, a limit, or ``stop()``; returns the final status."""
+        cfg = self.config
+        self._started = time.monotonic()
+        broker = self._broker = connect(cfg.broker)
+        try:
+            self.topology.declare(broker)
+            if self.evaluator is not None:
+                self.evaluator.start()
+            broker.consume(self.topology.control, self._on_control, prefetch=16)
+            broker.consume(self.topology.updates, self._on_update, prefetch=cfg.prefetch)
+            log.info("aggregator up: federation %s, %s/%s, waiting for %d parties",
+                     cfg.federation, cfg.strategy, cfg.staleness, cfg.min_parties)
+            while not self._stop.is_set():
+                broker.process_events(0.2)
+                self._tick()
+            self._finish(broker)
+        finally:
+            broker.close()
+            if self.evaluator is not None:
+                self.evaluator.close()
+        return self.status
+
+    def _tick(self) -> None:
+        cfg = self.config
+        elapsed = time.monotonic() - self._started
+        for party in self.membership.expire():
+            log.warning("party %s: lease expired, no longer waited for", party)
+            self._parties_changed()
+        self.status.active_parties = len(self.membership.active)
+        self._drain_evaluations()
+        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+            self._finish_with(f"time limit {cfg.max_seconds:g} s")
+        if cfg.max_versions is not None and self.status.version >= cfg.max_versions:
+            self._finish_with(f"version limit {cfg.max_versions}")
+        ev = self.evaluator
+        if (ev is not None and ev.idle and self.status.version > self._last_eval_version
+                and time.monotonic() - self._last_eval_at >= cfg.eval_every_seconds):
+            self._submit_evaluation()
+
+    def _finish_with(self, reason: str) -> None:
+        if self.status.finished is None:
+            self.status.finished = reason
+            log.info("finishing: %s", reason)
+        self._stop.set()
+
+    def _finish(self, broker: Broker) -> None:
+        """Broadcast stop (when the federation is over), evaluate and save the final model."""
+        if self.status.finished is not None:
+            broker.publish(self.topology.models, "",
+                           encode(Stop(self.status.version, self.status.finished)),
+                           persistent=False)
+        if not self.weights:
+            return
+        ev = self.evaluator
+        if ev is not None and ev.error is None and self._last_eval_version < self.status.version:
+            ev.wait_idle(600)
+            self._submit_evaluation()
+            ev.wait_idle(600)
+            self._drain_evaluations()
+        if self.config.save_model:
+            self.global_model().save(self.config.save_model)
+            log.info("saved global model version %d to %s", self.status.version,
+                     self.config.save_model)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _submit_evaluation(self) -> None:
+        assert self.evaluator is not None
+        self._last_eval_version = self.status.version
+        self._last_eval_at = time.monotonic()
+        self.evaluator.submit(self.status.version, [w.copy() for w in self.weights],
+                              self.status.updates, time.monotonic() - self._started)
+
+    def _drain_evaluations(self) -> None:
+        ev = self.evaluator
+        if ev is None:
+            return
+        if ev.error is not None:
+            raise FederationError(f"evaluation failed: {ev.error}") from ev.error
+        while not ev.results.empty():
+            record = ev.results.get()
+            self.status.accuracy = record["accuracy"]
+            log.info("version %d: accuracy %.4f loss %.4f (%d updates, %.1f s)",
+                     record["version"], record["accuracy"], record["loss"], record["updates"],
+                     record["time"])
+            target = self.config.target_accuracy
+            if target is not None and record["accuracy"] >= target:
+                self._finish_with(f"target accuracy {target:g} reached "
+                                  f"({record['accuracy']:.4f} at version {record['version']})")
+
+    # -- control: join / leave / heartbeat -------------------------------------------------
+    def _on_control(self, d: Delivery) -> None:
+        assert self._broker is not None
+        try:
+            msg = decode(d.body, self.config.max_message_bytes)
+            if isinstance(msg, Join):
+                self._broker.reply(d, encode(self._welcome(msg)))
+            elif isinstance(msg, Heartbeat):
+                self.membership.seen(msg.party)
+            elif isinstance(msg, Leave):
+                log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
+                if self.membership.leave(msg.party):
+                    self._parties_changed()
+            else:
+                raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on control")
+        except InvalidMessage as exc:
+            self._reject(d, exc)
+            return
+        self._broker.ack(d)
+
+    def _welcome(self, join: Join) -> Welcome:
+        def refuse(reason: str) -> Welcome:
+            log.warning("party %s refused: %s", join.party, reason)
+            return Welcome(join.party, False, reason, self.status.version, -1, {}, {})
+
+        if not self.weights:
+            if not join.tensors:
+                return refuse("no initial model: the first party must send its weights")
+            self._adopt_initial(join.tensors)
+        elif join.tensors and spec_of(join.tensors) != self.spec:
+            return refuse("model mismatch: the party's model has other tensor names, dtypes "
+                          "or shapes than the federation's (check --model)")
+        self.membership.join(join.party, join.num_samples)
+        log.info("party %s joined (%d samples); %d active", join.party, join.num_samples,
+                 len(self.membership.active))
+        if self.status.released:
+            self._parties_changed()
+        elif len(self.membership.active) >= self.config.min_parties:
+            self.status.released = True
+            self.status.version = 0
+            self.strategy.parties_changed(self.weights, self.membership.active)
+            log.info("%d parties joined: releasing model version 0", len(self.membership.active))
+            self._broadcast()
+        tensors: Tensors = dict(zip(self.names, self.weights)) if self.status.released else {}
+        return Welcome(join.party, True, "", self.status.version,
+                       self.last_seq.get(join.party, -1), self.config.settings(), tensors)
+
+    def _adopt_initial(self, tensors: Tensors) -> None:
+        self.names = list(tensors)
+        self.weights = [np.array(a, dtype=a.dtype, copy=True) for a in tensors.values()]
+        self.spec = spec_of(tensors)
+        log.info("initial model: %d tensors, %d parameters", len(self.weights),
+                 sum(w.size for w in self.weights))
+
+    def _parties_changed(self) -> None:
+        if self.status.released and self.strategy.parties_changed(
+                self.weights, self.membership.active):
+            self._new_version()
+
+    # -- updates ---------------------------------------------------------------------------
+    def _on_update(self, d: Delivery) -> None:
+        assert self._broker is not None
+        try:
+            update = self._validate(d)
+        except InvalidMessage as exc:
+            self._reject(d, exc)
+            return
+        if update is None:  # a duplicate (party, seq): already applied
+            self.status.duplicates += 1
+            self._broker.ack(d)
+            return
+        staleness = self.status.version - update.base_version
+        outcome = self.strategy.offer(self.weights, Contribution(
+            update.party, list(update.tensors.values()), update.num_samples, staleness))
+        self.last_seq[update.party] = update.seq
+        self.membership.seen(update.party)
+        if outcome is Outcome.DISCARDED:
+            self.status.discarded += 1
+        else:
+            self.membership.record(update.party, staleness, update.metrics)
+            self.status.updates += 1
+            self._applied_times.append(time.monotonic())
+        log.debug("update %s#%d base %d staleness %d: %s", update.party, update.seq,
+                  update.base_version, staleness, outcome.value)
+        if outcome is Outcome.APPLIED:
+            self._new_version()
+        self._broker.ack(d)
+
+    def _validate(self, d: Delivery) -> Update | None:
+        """The update in ``d`` if it may be applied, None for a duplicate; else raises."""
+        msg = decode(d.body, self.config.max_message_bytes)
+        if not isinstance(msg, Update):
+            raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on updates")
+        if msg.party not in self.membership.parties:
+            raise InvalidMessage("unknown-party", f"party {msg.party!r} never joined")
+        if msg.seq <= self.last_seq.get(msg.party, -1):
+            return None
+        if list(msg.tensors) != self.names:
+            raise InvalidMessage("tensor-names", "update tensors differ from the model's")
+        for (name, dtype, shape), array in zip(self.spec, msg.tensors.values()):
+            if array.dtype.name != dtype:
+                raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name} != {dtype}")
+            if array.shape != shape:
+                raise InvalidMessage("shape-mismatch", f"{name}: {array.shape} != {shape}")
+        if msg.base_version > self.status.version:
+            raise InvalidMessage("future-version", f"base version {msg.base_version} > "
+                                                   f"current {self.status.version}")
+        staleness = self.status.version - msg.base_version
+        if staleness > self.config.max_staleness:
+            raise InvalidMessage("stale", f"staleness {staleness} > {self.config.max_staleness}")
+        return msg
+
+    def _reject(self, d: Delivery, exc: InvalidMessage) -> None:
+        assert self._broker is not None
+        self.status.rejected[exc.reason] += 1
+        log.warning("dead-lettered a message from %s: %s", d.queue, exc)
+        self.topology.dead_letter(self._broker, d, exc)
+
+    def _new_version(self) -> None:
+        self.status.version += 1
+        window = list(self._applied_times)
+        if len(window) >= 2 and window[-1] > window[0]:
+            self.status.updates_per_second = (len(window) - 1) / (window[-1] - window[0])
+        self._broadcast()
+
+    def _broadcast(self) -> None:
+        assert self._broker is not None
+        body = encode(Model(self.status.version, dict(zip(self.names, self.weights))))
+        self._broker.publish(self.topology.models, "", body, persistent=False)

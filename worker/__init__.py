@@ -1,0 +1,1 @@
+"""Party-side code: data loading, partitioning, models and the training loop."""
