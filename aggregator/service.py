@@ -61,8 +61,9 @@ class Aggregator:
         self.config = config
         self.topology = Topology(config.federation, config.queue_type)
         staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
-        self.strategy = make_strategy(config.strategy, staleness=staleness, alpha=config.mixing_alpha,
-                                      k=config.buffer_k, eta=config.eta)
+        self.strategy = make_strategy(config.strategy, staleness=staleness,
+                                      alpha=config.mixing_alpha, k=config.buffer_k,
+                                      eta=config.eta)
         self.membership = Membership(config.lease_seconds)
         self.names: list[str] = []
         self.weights: NDArrays = []
@@ -98,8 +99,13 @@ class Aggregator:
             raise self.error
         return True
 
-    def stop(self) -> None:
-        """Ask the service to finish (safe from any thread and from signal handlers)."""
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask the service to finish (safe from any thread and from signal handlers).
+
+        Unlike reaching a target or limit, this does not broadcast a stop: the parties keep
+        waiting for an aggregator to come back.
+        """
+        log.info("stopping: %s", reason)
         self._stop.set()
 
     @property
@@ -156,8 +162,6 @@ class Aggregator:
         self._drain_evaluations()
         if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
             self._finish_with(f"time limit {cfg.max_seconds:g} s")
-        if cfg.max_versions is not None and self.status.version >= cfg.max_versions:
-            self._finish_with(f"version limit {cfg.max_versions}")
         ev = self.evaluator
         if (ev is not None and ev.idle and self.status.version > self._last_eval_version
                 and time.monotonic() - self._last_eval_at >= cfg.eval_every_seconds):
@@ -171,6 +175,9 @@ class Aggregator:
 
     def _finish(self, broker: Broker) -> None:
         """Broadcast stop (when the federation is over), evaluate and save the final model."""
+        for p in self.membership.parties.values():
+            log.info("party %s: %d updates applied, mean staleness %.2f, %s", p.party,
+                     p.updates, p.mean_staleness, "active" if p.active else "gone")
         if self.status.finished is not None:
             broker.publish(self.topology.models, "",
                            encode(Stop(self.status.version, self.status.finished)),
@@ -246,8 +253,8 @@ class Aggregator:
             return refuse("model mismatch: the party's model has other tensor names, dtypes "
                           "or shapes than the federation's (check --model)")
         self.membership.join(join.party, join.num_samples)
-        log.info("party %s joined (%d samples); %d active", join.party, join.num_samples,
-                 len(self.membership.active))
+        log.info("party %s joined at version %d (%d samples); %d active", join.party,
+                 self.status.version, join.num_samples, len(self.membership.active))
         if self.status.released:
             self._parties_changed()
         elif len(self.membership.active) >= self.config.min_parties:
@@ -256,7 +263,9 @@ class Aggregator:
             self.strategy.parties_changed(self.weights, self.membership.active)
             log.info("%d parties joined: releasing model version 0", len(self.membership.active))
             self._broadcast()
-        tensors: Tensors = dict(zip(self.names, self.weights)) if self.status.released else {}
+        tensors: Tensors = {}
+        if self.status.released:
+            tensors = dict(zip(self.names, self.weights, strict=True))
         return Welcome(join.party, True, "", self.status.version,
                        self.last_seq.get(join.party, -1), self.config.settings(), tensors)
 
@@ -275,6 +284,9 @@ class Aggregator:
     # -- updates ---------------------------------------------------------------------------
     def _on_update(self, d: Delivery) -> None:
         assert self._broker is not None
+        if self._stop.is_set():  # finishing: leave it for whoever serves the queue next
+            self._broker.nack(d, requeue=True)
+            return
         try:
             update = self._validate(d)
         except InvalidMessage as exc:
@@ -312,7 +324,7 @@ class Aggregator:
             return None
         if list(msg.tensors) != self.names:
             raise InvalidMessage("tensor-names", "update tensors differ from the model's")
-        for (name, dtype, shape), array in zip(self.spec, msg.tensors.values()):
+        for (name, dtype, shape), array in zip(self.spec, msg.tensors.values(), strict=True):
             if array.dtype.name != dtype:
                 raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name} != {dtype}")
             if array.shape != shape:
@@ -333,6 +345,9 @@ class Aggregator:
 
     def _new_version(self) -> None:
         self.status.version += 1
+        limit = self.config.max_versions
+        if limit is not None and self.status.version >= limit:
+            self._finish_with(f"version limit {limit}")
         window = list(self._applied_times)
         if len(window) >= 2 and window[-1] > window[0]:
             self.status.updates_per_second = (len(window) - 1) / (window[-1] - window[0])
@@ -340,5 +355,5 @@ class Aggregator:
 
     def _broadcast(self) -> None:
         assert self._broker is not None
-        body = encode(Model(self.status.version, dict(zip(self.names, self.weights))))
+        body = encode(Model(self.status.version, dict(zip(self.names, self.weights, strict=True))))
         self._broker.publish(self.topology.models, "", body, persistent=False)

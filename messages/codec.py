@@ -52,7 +52,7 @@ def _pack_tensors(tensors: Tensors) -> list[list[Any]]:
         if a.dtype.name not in ALLOWED_DTYPES:
             raise InvalidMessage("bad-dtype", f"tensor {name!r} has dtype {a.dtype.name}")
         a = a.astype(ALLOWED_DTYPES[a.dtype.name], copy=False)
-        packed.append([name, a.dtype.name, list(a.shape), memoryview(a.reshape(-1).view(np.uint8))])
+        packed.append([name, a.dtype.name, list(a.shape), a.reshape(-1).view(np.uint8).data])
     return packed
 
 

@@ -265,7 +265,7 @@ class MemoryBroker(Broker):
     def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
         self._check_open()
         with self._server.lock:
-            for msg, c in self._settle(delivery.tag, multiple):
+            for _msg, c in self._settle(delivery.tag, multiple):
                 c.unacked -= 1
                 self._dispatch(c.queue)
 

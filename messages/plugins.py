@@ -26,14 +26,15 @@ def load_plugin(path: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise PluginError(f"plug-in {path!r}: cannot import {module_name!r} ({exc})") from None
-    obj = module
+    obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
             raise PluginError(f"plug-in {path!r}: {module_name!r} has no {attr!r}")
     if not callable(obj):
         raise PluginError(f"plug-in {path!r}: {attr!r} is not callable")
-    return obj
+    function: Callable[..., Any] = obj
+    return function
 
 
 def load_dataset(data_plugin: str, data_dir: str | None = None) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -22,7 +23,9 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 def _container_url() -> Iterator[str] | None:
     try:
-        from testcontainers.rabbitmq import RabbitMqContainer
+        with warnings.catch_warnings():  # 4.x moved it to testcontainers.community
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from testcontainers.rabbitmq import RabbitMqContainer
 
         container = RabbitMqContainer("rabbitmq:3.13-management")
     except Exception:  # docker.errors.DockerException: no engine here

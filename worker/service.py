@@ -60,8 +60,10 @@ class Worker:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "stopped") -> None:
         """Stop after the current minibatch, send leave, close (safe from any thread)."""
+        if not self.stats.stopped_by:
+            self.stats.stopped_by = reason
         self._stop.set()
         if self._trainer is not None:
             self._trainer.interrupted.set()
@@ -100,7 +102,7 @@ class Worker:
                     self._loop(broker, pool, trainer, welcome)
                 if not self.stats.stopped_by.startswith("aggregator"):
                     broker.publish("", self.topology.control,
-                                   encode(Leave(cfg.party, self.stats.stopped_by or "stopped")),
+                                   encode(Leave(cfg.party, self.stats.stopped_by)),
                                    persistent=False)
             finally:
                 broker.close()
@@ -139,9 +141,11 @@ class Worker:
             self.stats.last_seq = reply.last_seq
             if reply.tensors and (self._latest is None or self._latest.version < reply.version):
                 self._latest = Model(reply.version, reply.tensors)
-            log.info("party %s joined at model version %d", cfg.party, reply.version)
+            if reply.tensors:
+                log.info("party %s joined at model version %d", cfg.party, reply.version)
+            else:
+                log.info("party %s joined; waiting for the first model", cfg.party)
             return reply
-        self.stats.stopped_by = "stopped before joining"
         return None
 
     def _loop(self, broker: Broker, pool: ThreadPoolExecutor, trainer: LocalTrainer,
@@ -170,12 +174,12 @@ class Worker:
             delta, metrics = result
             seq = self.stats.last_seq + 1
             update = Update(cfg.party, seq, model.version, len(trainer.y),
-                            dict(zip(trainer.names, delta)), metrics)
+                            dict(zip(trainer.names, delta, strict=True)), metrics)
             broker.publish("", self.topology.updates, encode(update), mandatory=True)
             self.stats.last_seq = seq
             self.stats.updates_sent += 1
             last_base = model.version
-            log.debug("party %s sent update %d from version %d (loss %.4f)", cfg.party, seq,
+            log.info("party %s sent update %d from version %d (loss %.4f)", cfg.party, seq,
                       model.version, metrics.get("loss", float("nan")))
             broker.process_events(0)
 
@@ -196,9 +200,8 @@ class Worker:
             return
         if isinstance(msg, Stop):
             log.info("party %s: federation finished (%s)", self.config.party, msg.reason)
-            self.stats.stopped_by = f"aggregator: {msg.reason}"
-            self.stop()
-        elif isinstance(msg, Model):
-            if self._latest is None or msg.version > self._latest.version:
-                self._latest = msg
-                self.stats.model_version = msg.version
+            self.stop(f"aggregator: {msg.reason}")
+        elif isinstance(msg, Model) and (self._latest is None
+                                         or msg.version > self._latest.version):
+            self._latest = msg
+            self.stats.model_version = msg.version

@@ -49,7 +49,7 @@ class LocalTrainer:
 
     def initial(self) -> Tensors:
         """The freshly initialised weights, by name (sent with the join)."""
-        return dict(zip(self.names, self.model.get_weights()))
+        return dict(zip(self.names, self.model.get_weights(), strict=True))
 
     def _next_indices(self, count: int) -> NDArray:
         parts = []
@@ -79,7 +79,7 @@ class LocalTrainer:
         if self.interrupted.is_set():
             return None
         delta = [np.subtract(new, old, dtype=np.float32)
-                 for new, old in zip(self.model.get_weights(), base)]
+                 for new, old in zip(self.model.get_weights(), base, strict=True)]
         spent = time.perf_counter() - started
         if self.slowdown > 1 and self.interrupted.wait((self.slowdown - 1) * spent):
             return None

@@ -1,0 +1,7 @@
+"""``python -m aggregator``: the same as ``dfl aggregator``."""
+
+import sys
+
+from aggregator.cli import main
+
+sys.exit(main(prog="python -m aggregator"))

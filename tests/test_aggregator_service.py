@@ -1,0 +1,252 @@
+"""The aggregator service over a real broker connection (memory://), without TensorFlow.
+
+A test plays the parties with a plain broker client speaking the wire protocol, so every
+path (join, update, duplicate, bad input, leave) runs through the same code as in production.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from aggregator import Aggregator, AggregatorConfig
+from messages.broker import Broker, Delivery, connect
+from messages.codec import SCHEMA_VERSION, decode, encode
+from messages.kinds import Join, Leave, Model, Update, Welcome
+from messages.topology import REASON_HEADER, Topology
+
+SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,)}
+
+
+def initial() -> dict[str, np.ndarray]:
+    return {name: np.full(shape, 1.0, np.float32) for name, shape in SHAPES.items()}
+
+
+def delta(value: float) -> dict[str, np.ndarray]:
+    return {name: np.full(shape, value, np.float32) for name, shape in SHAPES.items()}
+
+
+class Client:
+    """Plays one or more parties against the aggregator."""
+
+    def __init__(self, url: str, topology: Topology) -> None:
+        self.b: Broker = connect(url)
+        self.t = topology
+        topology.declare(self.b)
+        self.models: list[Model] = []
+        self.dead: list[Delivery] = []
+        self.b.consume(topology.dead, self._on_dead)
+
+    def _on_dead(self, d: Delivery) -> None:
+        self.dead.append(d)
+        self.b.ack(d)
+
+    def listen(self, party: str) -> None:
+        q = self.t.declare_model_queue(self.b, party)
+        self.b.consume(q, lambda d: self.models.append(decode(d.body)), auto_ack=True)  # type: ignore[arg-type]
+
+    def join(self, party: str, tensors: dict[str, np.ndarray] | None = None) -> Welcome:
+        reply = decode(self.b.call(self.t.control, encode(
+            Join(party, 100, initial() if tensors is None else tensors)), timeout=5).body)
+        assert isinstance(reply, Welcome)
+        return reply
+
+    def send(self, body: bytes) -> None:
+        self.b.publish("", self.t.updates, body, mandatory=True)
+
+    def update(self, party: str, seq: int, base: int, value: float = 1.0, **kw: Any) -> None:
+        self.send(encode(Update(party, seq, base, kw.pop("num_samples", 100), delta(value),
+                                **kw)))
+
+    def pump(self, done: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "timed out"
+            self.b.process_events(0.02)
+
+
+@pytest.fixture
+def url() -> str:
+    return f"memory://{uuid.uuid4().hex[:8]}"
+
+
+def start(url: str, **options: Any) -> Aggregator:
+    options.setdefault("min_parties", 2)
+    return Aggregator(AggregatorConfig(broker=url, federation="f", evaluate=False,
+                                       **options)).start()
+
+
+@pytest.fixture
+def running(url: str) -> Iterator[tuple[Aggregator, Client]]:
+    agg = start(url, mixing_alpha=0.5, staleness="constant", max_staleness=3)
+    client = Client(url, Topology("f"))
+    client.listen("a")
+    client.join("a")
+    client.join("b")
+    client.pump(lambda: len(client.models) == 1)
+    yield agg, client
+    agg.stop()
+    agg.wait(10)
+    client.b.close()
+
+
+def snapshot(agg: Aggregator) -> list[bytes]:
+    return [w.tobytes() for w in agg.weights]
+
+
+def test_the_first_model_is_released_once_min_parties_have_joined(url: str) -> None:
+    agg = start(url)
+    client = Client(url, Topology("f"))
+    client.listen("a")
+    first = client.join("a")
+    assert first.accepted and first.tensors == {} and first.settings["local_steps"] == 100
+    client.b.process_events(0.2)
+    assert client.models == []
+    second = client.join("b")
+    assert second.version == 0 and list(second.tensors) == list(SHAPES)
+    client.pump(lambda: len(client.models) == 1)
+    assert client.models[0].version == 0
+    agg.stop()
+    agg.wait(10)
+
+
+def test_an_update_is_applied_with_fedasync_and_broadcast_as_a_new_version(running: Any) -> None:
+    _agg, client = running
+    client.update("a", 0, 0, value=2.0)
+    client.pump(lambda: len(client.models) == 2)
+    model = client.models[-1]
+    assert model.version == 1
+    # w = 1 + alpha(0.5) * S(1) * 2 = 2
+    np.testing.assert_array_equal(model.tensors["dense/bias"], np.full(3, 2.0, np.float32))
+
+
+def test_a_late_party_joins_from_the_current_model(running: Any) -> None:
+    agg, client = running
+    client.update("a", 0, 0, value=2.0)
+    client.pump(lambda: agg.version == 1)
+    late = client.join("c")
+    assert late.version == 1
+    np.testing.assert_array_equal(late.tensors["dense/bias"], np.full(3, 2.0, np.float32))
+
+
+def test_a_replayed_party_and_seq_is_dropped_as_a_duplicate(running: Any) -> None:
+    agg, client = running
+    client.update("a", 0, 0)
+    client.pump(lambda: agg.version == 1)
+    before = snapshot(agg)
+    client.update("a", 0, 0)
+    client.pump(lambda: agg.status.duplicates == 1)
+    assert snapshot(agg) == before and agg.version == 1 and client.dead == []
+
+
+def body(**fields: Any) -> bytes:
+    msg: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": "update", "party": "a", "seq": 5,
+                           "base_version": 0, "num_samples": 10,
+                           "tensors": [[n, "float32", list(s), np.zeros(s, np.float32).tobytes()]
+                                       for n, s in SHAPES.items()]}
+    msg.update(fields)
+    return msgpack.packb(msg)  # type: ignore[no-any-return]
+
+
+def tensors_with(**override: Any) -> list[list[Any]]:
+    out = []
+    for n, s in SHAPES.items():
+        dtype, shape = override.get("dtype", "float32"), list(override.get("shape", s))
+        data = np.zeros(shape, dtype).tobytes()
+        out.append([override.get("prefix", "") + n, dtype, shape, data])
+    return out
+
+
+BAD = [
+    (b"\x00\xffgarbage", "not-msgpack"),
+    (msgpack.packb("a string"), "not-a-map"),
+    (body(v=2), "bad-version"),
+    (body(kind="nope"), "unknown-kind"),
+    (msgpack.packb({"v": SCHEMA_VERSION, "kind": "update", "party": "a"}), "missing-field"),
+    (body(seq="1"), "wrong-type"),
+    (body(party="mallory"), "unknown-party"),
+    (body(tensors=tensors_with(prefix="x/")), "tensor-names"),
+    (body(tensors=tensors_with(shape=(2,))), "shape-mismatch"),
+    (body(tensors=tensors_with(dtype="float16")), "dtype-mismatch"),
+    (body(tensors=[[n, "float32", list(s), np.full(s, np.nan, np.float32).tobytes()]
+                   for n, s in SHAPES.items()]), "non-finite"),
+    (body(num_samples=-3), "bad-samples"),
+    (body(base_version=7), "future-version"),
+    (encode(Join("a", 1, initial())), "wrong-queue"),
+]
+
+
+@pytest.mark.parametrize(("bad", "reason"), BAD, ids=[r for _b, r in BAD])
+def test_bad_updates_are_dead_lettered_and_leave_the_model_bitwise_unchanged(
+        running: Any, bad: bytes, reason: str) -> None:
+    agg, client = running
+    before = snapshot(agg)
+    client.send(bad)
+    client.pump(lambda: len(client.dead) == 1)
+    assert client.dead[0].headers[REASON_HEADER] == reason
+    assert client.dead[0].body == bad
+    assert snapshot(agg) == before and agg.version == 0
+    assert agg.status.rejected[reason] == 1
+    client.update("a", 0, 0)  # and the service carries on
+    client.pump(lambda: agg.version == 1)
+
+
+def test_updates_staler_than_max_staleness_are_dead_lettered(running: Any) -> None:
+    agg, client = running
+    for seq in range(4):
+        client.update("a", seq, seq)
+    client.pump(lambda: agg.version == 4)
+    client.update("b", 0, 0)
+    client.pump(lambda: len(client.dead) == 1)
+    assert client.dead[0].headers[REASON_HEADER] == "stale"
+
+
+def test_a_party_with_a_different_model_is_refused_at_join(running: Any) -> None:
+    _agg, client = running
+    welcome = client.join("c", {"other": np.zeros(2, np.float32)})
+    assert not welcome.accepted and "model mismatch" in welcome.reason
+
+
+def test_a_rejoining_party_learns_its_last_seq(running: Any) -> None:
+    agg, client = running
+    client.update("a", 0, 0)
+    client.update("a", 1, 0)
+    client.pump(lambda: agg.version == 2)
+    assert client.join("a").last_seq == 1
+
+
+def test_sync_fedavg_waits_for_every_active_party_and_not_for_one_that_left(url: str) -> None:
+    agg = start(url, strategy="fedavg", min_parties=3)
+    client = Client(url, Topology("f"))
+    client.listen("a")
+    for party in "abc":
+        client.join(party)
+    client.pump(lambda: len(client.models) == 1)
+    client.update("a", 0, 0, value=1.0)
+    client.update("b", 0, 0, value=3.0)
+    client.b.process_events(0.3)
+    assert agg.version == 0  # still waiting for c
+    client.b.publish("", client.t.control, encode(Leave("c", "test")))
+    client.pump(lambda: agg.version == 1)
+    # equal sample counts: w = 1 + mean(1, 3) = 3
+    np.testing.assert_array_equal(agg.weights[1], np.full(3, 3.0, np.float32))
+    agg.stop()
+    agg.wait(10)
+
+
+def test_the_aggregator_stops_at_its_version_limit_and_broadcasts_stop(url: str) -> None:
+    agg = start(url, max_versions=2, min_parties=1)
+    client = Client(url, Topology("f"))
+    client.listen("a")
+    client.join("a")
+    client.update("a", 0, 0)
+    client.update("a", 1, 1)
+    assert agg.wait(10)
+    assert agg.status.finished == "version limit 2"
+    client.pump(lambda: any(getattr(m, "KIND", "") == "stop" for m in client.models))

@@ -1,0 +1,88 @@
+"""``dfl worker`` / ``python -m worker``: one party's daemon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from messages.cli import (
+    DEFAULT_AMQP_URL,
+    Formatter,
+    Parser,
+    add_common_options,
+    fail,
+    on_termination,
+    setup_logging,
+)
+from messages.errors import FederationError
+from worker.config import WorkerConfig
+from worker.partition import SCHEMES
+from worker.service import Worker
+
+DESCRIPTION = """\
+Run one party of a federation: it loads its own shard of the training data (party
+--party-id of --num-parties, split by --partition), joins the aggregator, trains the
+newest global model for the aggregator's --local-steps minibatches, publishes the weight
+delta, and repeats until the aggregator broadcasts a stop or you press Ctrl-C/send
+SIGTERM (it then finishes the current minibatch, says goodbye and exits 0). A party
+started late joins and trains from the current global model.
+
+example:
+  dfl worker --party-id 0 --num-parties 2 --partition dirichlet --alpha 0.5 \\
+      --broker amqp://guest:guest@localhost:5672/%2F --data-dir ~/mnist
+"""
+
+
+def add_partition_options(parser: argparse.ArgumentParser) -> None:
+    """How the training set is split among parties; shared by ``dfl worker`` and ``dfl run``."""
+    g = parser.add_argument_group("partition")
+    g.add_argument("--partition", choices=SCHEMES, default="iid",
+                   help="iid: uniform random split; dirichlet: label skew with --alpha; "
+                        "shards: McMahan's sorted shards, --shards-per-party classes each")
+    g.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet concentration: small = strong label skew, large = near iid")
+    g.add_argument("--shards-per-party", type=int, default=2,
+                   help="shards (about one class each) per party for --partition shards")
+
+
+def config_from_args(ns: argparse.Namespace, **overrides: Any) -> WorkerConfig:
+    """A ``WorkerConfig`` from parsed options (raises ``ConfigError``)."""
+    fields = set(WorkerConfig.__dataclass_fields__)
+    values = {k: v for k, v in vars(ns).items() if k in fields}
+    values.update(overrides)
+    return WorkerConfig(**values)
+
+
+def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=Formatter)
+    parser.add_argument("--party-id", type=int, required=True,
+                        help="this party's index, 0..N-1: picks its shard and names it")
+    parser.add_argument("--num-parties", type=int, default=2,
+                        help="N, the number of shards the training set is split into")
+    add_common_options(parser, DEFAULT_AMQP_URL)
+    add_partition_options(parser)
+    parser.add_argument("--heartbeat-seconds", type=float, default=5.0,
+                        help="how often the party tells the aggregator it is alive")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="simulate a slower party: after each round, sleep (SLOWDOWN - 1) "
+                             "times the measured training time")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "dfl worker") -> int:
+    ns = build_parser(prog).parse_args(argv)
+    setup_logging(ns.log_level)
+    try:
+        worker = Worker(config_from_args(ns))
+        on_termination(worker.stop)
+        stats = worker.run()
+    except FederationError as exc:
+        fail(prog, exc)
+    print(f"party {ns.party_id} finished: {stats.updates_sent} updates sent "
+          f"({stats.stopped_by or 'stopped'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
