@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from aggregator.staleness import STALENESS_FUNCTIONS
 from aggregator.strategies import STRATEGIES
+from messages.broker import check_broker_url
 from messages.codec import DEFAULT_MAX_BYTES
 from messages.errors import ConfigError
 from messages.topology import QUEUE_TYPES, check_name
@@ -57,6 +58,7 @@ class AggregatorConfig:
     max_message_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
+        check_broker_url(self.broker)
         check_name("--federation", self.federation)
         _one_of("--strategy", self.strategy, STRATEGIES)
         _one_of("--staleness", self.staleness, STALENESS_FUNCTIONS)

@@ -150,20 +150,28 @@ class Broker(abc.ABC):
         self.close()
 
 
+SCHEMES = ("memory", "amqp", "amqps")
+
+
+def check_broker_url(url: str) -> str:
+    """Refuse a broker URL no implementation serves, at configuration time."""
+    if urlparse(url).scheme not in SCHEMES:
+        raise ConfigError(f"--broker {url!r}: use memory:// or amqp://user:pass@host:5672/vhost "
+                          "(amqps:// for TLS)")
+    return url
+
+
 def connect(url: str, **options: Any) -> Broker:
     """Open a broker connection for ``url``: ``memory://[name]``, ``amqp://`` or ``amqps://``.
 
     Raises ``ConfigError`` for other schemes and ``ConnectionLost``/``AccessRefused`` when the
     broker cannot be reached or refuses us.
     """
-    scheme = urlparse(url).scheme
+    scheme = urlparse(check_broker_url(url)).scheme
     if scheme == "memory":
         from messages.memory import MemoryBroker
 
         return MemoryBroker(url)
-    if scheme in ("amqp", "amqps"):
-        from messages.rabbitmq import RabbitBroker  # the only module that imports pika
+    from messages.rabbitmq import RabbitBroker  # the only module that imports pika
 
-        return RabbitBroker(url, **options)
-    raise ConfigError(f"broker URL {url!r}: use memory:// or amqp://user:pass@host:5672/vhost "
-                      "(amqps:// for TLS)")
+    return RabbitBroker(url, **options)

@@ -78,7 +78,7 @@ def evaluations(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_daemons_train_over_rabbitmq_with_a_late_joiner_and_a_sigterm(
+def test_daemons_train_over_rabbitmq_through_a_late_join_a_sigterm_and_a_kill(
         amqp_url: str, federation: str, procs: Procs, tmp_path: Path) -> None:
     common = ["--broker", amqp_url, "--federation", federation, "--seed", "1", *TINY]
     eval_log = tmp_path / "eval.jsonl"
@@ -99,9 +99,11 @@ def test_daemons_train_over_rabbitmq_with_a_late_joiner_and_a_sigterm(
                  90, procs)
         w1.send_signal(signal.SIGTERM)
         assert w1.wait(60) == 0, procs.log("w1")
+        w0 = procs.procs["w0"]
+        w0.kill()  # kill -9: no goodbye; the others must carry on
+        assert w0.wait(10) == -signal.SIGKILL
         assert aggregator.wait(180) == 0, procs.log("aggregator")
         assert w2.wait(60) == 0, procs.log("w2")
-        assert procs.procs["w0"].wait(60) == 0, procs.log("w0")
     finally:
         with connect(amqp_url) as b:
             t = Topology(federation)

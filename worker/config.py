@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from messages.broker import check_broker_url
 from messages.codec import DEFAULT_MAX_BYTES
 from messages.errors import ConfigError
 from messages.topology import QUEUE_TYPES
@@ -34,6 +35,7 @@ class WorkerConfig:
     max_message_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
+        check_broker_url(self.broker)
         if self.num_parties < 1:
             raise ConfigError(f"--num-parties {self.num_parties}: must be at least 1")
         if not 0 <= self.party_id < self.num_parties:
