@@ -92,8 +92,16 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=Formatter)
     add_common_options(parser, DEFAULT_AMQP_URL)
     add_strategy_options(parser)
-    parser.add_argument("--prefetch", type=int, default=8,
-                        help="unacked updates the broker may push to the aggregator")
+    d = parser.add_argument_group("durability")
+    d.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="checkpoint the state here and resume from it on start; deliveries are "
+                        "acked only once a checkpoint holds their effect")
+    d.add_argument("--checkpoint-every-updates", type=int, default=16, metavar="N",
+                   help="checkpoint after this many handled messages (at most --prefetch)")
+    d.add_argument("--checkpoint-every-seconds", type=float, default=2.0, metavar="S",
+                   help="... or when the oldest unacked message is this old")
+    parser.add_argument("--prefetch", type=int, default=16,
+                        help="unacked messages the broker may push to the aggregator")
     parser.add_argument("--lease-seconds", type=float, default=60.0,
                         help="a party that sends nothing for this long is considered gone")
     return parser

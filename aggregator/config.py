@@ -52,9 +52,15 @@ class AggregatorConfig:
     data: str = "worker.data:load_mnist"
     data_dir: str | None = None
     seed: int = 0
+    # durability
+    checkpoint_dir: str | None = None
+    checkpoint_every_updates: int = 16
+    checkpoint_every_seconds: float = 2.0
+    ledger: str | None = None
     # broker tuning
     queue_type: str = "quorum"
-    prefetch: int = 8
+    prefetch: int = 16
+    updates_max_length: int | None = None
     max_message_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
@@ -68,14 +74,18 @@ class AggregatorConfig:
                               "must be in (0, 1]")
         for name, value in (("--buffer-k", self.buffer_k), ("--min-parties", self.min_parties),
                             ("--local-steps", self.local_steps),
-                            ("--batch-size", self.batch_size), ("--prefetch", self.prefetch)):
+                            ("--batch-size", self.batch_size), ("--prefetch", self.prefetch),
+                            ("--checkpoint-every-updates", self.checkpoint_every_updates)):
             if value < 1:
                 raise ConfigError(f"{name} {value}: must be at least 1")
         for name, fvalue in (("--eta", self.eta), ("--learning-rate", self.learning_rate),
                              ("--eval-every-seconds", self.eval_every_seconds),
-                             ("--lease-seconds", self.lease_seconds)):
+                             ("--lease-seconds", self.lease_seconds),
+                             ("--checkpoint-every-seconds", self.checkpoint_every_seconds)):
             if not fvalue > 0:
                 raise ConfigError(f"{name} {fvalue}: must be greater than 0")
+        if self.updates_max_length is not None and self.updates_max_length < 1:
+            raise ConfigError(f"--updates-max-length {self.updates_max_length}: must be >= 1")
         if self.max_staleness < 0:
             raise ConfigError(f"--max-staleness {self.max_staleness}: must be >= 0")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:

@@ -1,41 +1,52 @@
-"""The aggregator daemon: wires strategies, membership and evaluation to the broker.
+"""The aggregator daemon: wires strategies, membership, checkpoints and evaluation to a broker.
 
 One thread owns the broker connection and runs every handler: decode and validate an
-update, fold it into the global weights with the strategy, broadcast the new version, ack.
-Evaluation runs on its own thread (``aggregator.evaluation``). Nothing here does math
-itself: ``aggregator.strategies`` and ``aggregator.staleness`` are pure numpy.
+update, fold it into the global weights with the strategy, broadcast the new version. Acks
+are deferred: a delivery is acked (``multiple=True``) only once a checkpoint that contains its
+effect is on disk, so a crash at any moment loses nothing, and the ``(party, seq)`` check
+drops what the broker redelivers after the restored state already holds it. The session is
+supervised: when the broker goes away the service reconnects with backoff and carries on
+from its in-memory state. Evaluation runs on its own thread (``aggregator.evaluation``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalRecord, Evaluator
-from aggregator.membership import Membership
+from aggregator.membership import Membership, Party
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
+from aggregator.validation import check_update
 from messages.broker import Broker, Delivery, connect
 from messages.codec import decode, encode
 from messages.errors import FederationError, InvalidMessage
-from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Update, Welcome
+from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Welcome
 from messages.plugins import build_model
+from messages.supervisor import supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
 
 log = logging.getLogger("dfl.aggregator")
+SEQ_RANGE = 1 << 32
+"""Each join of a party opens a fresh range of ``seq`` numbers this wide."""
 
 
 @dataclass(slots=True)
 class Status:
-    """A snapshot of the aggregator for progress bars and notebooks."""
+    """A snapshot of the aggregator for progress bars, notebooks and tests."""
 
     version: int = -1
     released: bool = False
@@ -46,6 +57,7 @@ class Status:
     accuracy: float | None = None
     updates_per_second: float = 0.0
     active_parties: int = 0
+    checkpoints: int = 0
     finished: str | None = None
 
 
@@ -59,7 +71,8 @@ class Aggregator:
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
-        self.topology = Topology(config.federation, config.queue_type)
+        self.topology = Topology(config.federation, config.queue_type,
+                                 config.updates_max_length)
         staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
         self.strategy = make_strategy(config.strategy, staleness=staleness,
                                       alpha=config.mixing_alpha, k=config.buffer_k,
@@ -69,9 +82,13 @@ class Aggregator:
         self.weights: NDArrays = []
         self.spec: TensorSpec = ()
         self.last_seq: dict[str, int] = {}
+        self.incarnation: dict[str, int] = {}
+        self.ledger: list[list[Any]] = []
         self.status = Status()
+        self.store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
         self.evaluator = (Evaluator(config.model, config.data, config.data_dir, config.seed,
                                     config.eval_log) if config.evaluate else None)
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._broker: Broker | None = None
@@ -79,7 +96,12 @@ class Aggregator:
         self._applied_times: deque[float] = deque(maxlen=200)
         self._last_eval_version = -1
         self._last_eval_at = 0.0
-        self.error: BaseException | None = None
+        # deliveries handled but not yet acked: acked together at the next commit
+        self._unacked: Delivery | None = None
+        self._uncommitted = 0
+        self._uncommitted_since = 0.0
+        self._commit_every = (min(config.checkpoint_every_updates, config.prefetch)
+                              if self.store else 1)
 
     # -- public API ------------------------------------------------------------------------
     def start(self) -> Aggregator:
@@ -103,7 +125,7 @@ class Aggregator:
         """Ask the service to finish (safe from any thread and from signal handlers).
 
         Unlike reaching a target or limit, this does not broadcast a stop: the parties keep
-        waiting for an aggregator to come back.
+        waiting for an aggregator to come back (and resume from the checkpoint).
         """
         log.info("stopping: %s", reason)
         self._stop.set()
@@ -131,26 +153,41 @@ class Aggregator:
     # -- the service loop ------------------------------------------------------------------
     def run(self) -> Status:
         """Serve until the target, a limit, or ``stop()``; returns the final status."""
-        cfg = self.config
         self._started = time.monotonic()
+        if self.store is not None and (state := self.store.load_latest()) is not None:
+            self._restore(state)
+        if self.evaluator is not None:
+            self.evaluator.start()
+        try:
+            supervise(self._session, stop=self._stop, name="aggregator")
+        finally:
+            if self.evaluator is not None:
+                self.evaluator.close()
+        self._write_ledger()
+        return self.status
+
+    def _session(self, connected: Callable[[], None]) -> None:
+        cfg = self.config
         broker = self._broker = connect(cfg.broker)
+        self._unacked, self._uncommitted = None, 0  # tags of a dead channel mean nothing
         try:
             self.topology.declare(broker)
-            if self.evaluator is not None:
-                self.evaluator.start()
-            broker.consume(self.topology.control, self._on_control, prefetch=16)
+            broker.consume(self.topology.control, self._on_control, prefetch=cfg.prefetch)
             broker.consume(self.topology.updates, self._on_update, prefetch=cfg.prefetch)
-            log.info("aggregator up: federation %s, %s/%s, waiting for %d parties",
-                     cfg.federation, cfg.strategy, cfg.staleness, cfg.min_parties)
+            connected()
+            log.info("aggregator up: federation %s, %s/%s, version %d, waiting for %d parties",
+                     cfg.federation, cfg.strategy, cfg.staleness, self.status.version,
+                     cfg.min_parties)
+            if self.status.released:
+                self._broadcast()  # parties re-joining after a restart find the current model
             while not self._stop.is_set():
                 broker.process_events(0.2)
                 self._tick()
+            self._commit()
             self._finish(broker)
         finally:
+            self._broker = None
             broker.close()
-            if self.evaluator is not None:
-                self.evaluator.close()
-        return self.status
 
     def _tick(self) -> None:
         cfg = self.config
@@ -159,6 +196,9 @@ class Aggregator:
             log.warning("party %s: lease expired, no longer waited for", party)
             self._parties_changed()
         self.status.active_parties = len(self.membership.active)
+        if (self._uncommitted and time.monotonic() - self._uncommitted_since
+                >= cfg.checkpoint_every_seconds):
+            self._commit()
         self._drain_evaluations()
         if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
             self._finish_with(f"time limit {cfg.max_seconds:g} s")
@@ -194,6 +234,61 @@ class Aggregator:
             self.global_model().save(self.config.save_model)
             log.info("saved global model version %d to %s", self.status.version,
                      self.config.save_model)
+
+    # -- durability ------------------------------------------------------------------------
+    def _handled(self, d: Delivery) -> None:
+        """``d``'s effect is in the in-memory state: ack it with the next commit."""
+        self._unacked = d
+        if self._uncommitted == 0:
+            self._uncommitted_since = time.monotonic()
+        self._uncommitted += 1
+        if self._uncommitted >= self._commit_every:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Checkpoint (when configured), then ack everything the checkpoint covers."""
+        if self._unacked is None or self._broker is None:
+            return
+        if self.store is not None:
+            self.store.save(self._snapshot())
+            self.status.checkpoints += 1
+        self._broker.ack(self._unacked, multiple=True)
+        self._unacked, self._uncommitted = None, 0
+
+    def _snapshot(self) -> AggregatorState:
+        s = self.status
+        return AggregatorState(
+            version=s.version, released=s.released, names=self.names, weights=self.weights,
+            last_seq=self.last_seq, incarnation=self.incarnation,
+            strategy=self.strategy.state(),
+            parties=[asdict(p) for p in self.membership.parties.values()],
+            counters={"updates": s.updates, "duplicates": s.duplicates,
+                      "discarded": s.discarded, "rejected": dict(s.rejected)},
+            ledger=self.ledger)
+
+    def _restore(self, state: AggregatorState) -> None:
+        s = self.status
+        s.version, s.released = state.version, state.released
+        self.names, self.weights = state.names, state.weights
+        self.spec = spec_of(dict(zip(self.names, self.weights, strict=True)))
+        self.last_seq, self.incarnation = state.last_seq, state.incarnation
+        if state.strategy:
+            self.strategy.load_state(state.strategy)
+        now = time.monotonic()  # every party gets a full lease to come back
+        self.membership.parties = {p["party"]: Party(**{**p, "last_seen": now})
+                                   for p in state.parties}
+        c = state.counters
+        s.updates, s.duplicates = c.get("updates", 0), c.get("duplicates", 0)
+        s.discarded, s.rejected = c.get("discarded", 0), Counter(c.get("rejected", {}))
+        self.ledger = state.ledger
+
+    def _write_ledger(self) -> None:
+        """With ``--ledger``: every (party, seq) applied, for exactly-once audits."""
+        if self.config.ledger:
+            s = self.status
+            Path(self.config.ledger).write_text(json.dumps({
+                "applied": self.ledger, "duplicates": s.duplicates, "discarded": s.discarded,
+                "rejected": dict(s.rejected), "version": s.version}))
 
     # -- evaluation ------------------------------------------------------------------------
     def _submit_evaluation(self) -> None:
@@ -238,12 +333,12 @@ class Aggregator:
         except InvalidMessage as exc:
             self._reject(d, exc)
             return
-        self._broker.ack(d)
+        self._handled(d)
 
     def _welcome(self, join: Join) -> Welcome:
         def refuse(reason: str) -> Welcome:
             log.warning("party %s refused: %s", join.party, reason)
-            return Welcome(join.party, False, reason, self.status.version, -1, {}, {})
+            return Welcome(join.party, False, reason, self.status.version, -1, -1, {}, {})
 
         if not self.weights:
             if not join.tensors:
@@ -253,6 +348,7 @@ class Aggregator:
             return refuse("model mismatch: the party's model has other tensor names, dtypes "
                           "or shapes than the federation's (check --model)")
         self.membership.join(join.party, join.num_samples)
+        incarnation = self.incarnation[join.party] = self.incarnation.get(join.party, 0) + 1
         log.info("party %s joined at version %d (%d samples); %d active", join.party,
                  self.status.version, join.num_samples, len(self.membership.active))
         if self.status.released:
@@ -267,7 +363,8 @@ class Aggregator:
         if self.status.released:
             tensors = dict(zip(self.names, self.weights, strict=True))
         return Welcome(join.party, True, "", self.status.version,
-                       self.last_seq.get(join.party, -1), self.config.settings(), tensors)
+                       self.last_seq.get(join.party, -1), incarnation * SEQ_RANGE,
+                       self.config.settings(), tensors)
 
     def _adopt_initial(self, tensors: Tensors) -> None:
         self.names = list(tensors)
@@ -287,14 +384,18 @@ class Aggregator:
         if self._stop.is_set():  # finishing: leave it for whoever serves the queue next
             self._broker.nack(d, requeue=True)
             return
+        cfg = self.config
         try:
-            update = self._validate(d)
+            update = check_update(decode(d.body, cfg.max_message_bytes),
+                                  parties=self.membership.parties, spec=self.spec,
+                                  version=self.status.version, max_staleness=cfg.max_staleness,
+                                  last_seq=self.last_seq)
         except InvalidMessage as exc:
             self._reject(d, exc)
             return
-        if update is None:  # a duplicate (party, seq): already applied
+        if update is None:  # a replayed or redelivered (party, seq): already in the state
             self.status.duplicates += 1
-            self._broker.ack(d)
+            self._handled(d)
             return
         staleness = self.status.version - update.base_version
         outcome = self.strategy.offer(self.weights, Contribution(
@@ -307,35 +408,13 @@ class Aggregator:
             self.membership.record(update.party, staleness, update.metrics)
             self.status.updates += 1
             self._applied_times.append(time.monotonic())
+            if cfg.ledger:
+                self.ledger.append([update.party, update.seq])
         log.debug("update %s#%d base %d staleness %d: %s", update.party, update.seq,
                   update.base_version, staleness, outcome.value)
         if outcome is Outcome.APPLIED:
             self._new_version()
-        self._broker.ack(d)
-
-    def _validate(self, d: Delivery) -> Update | None:
-        """The update in ``d`` if it may be applied, None for a duplicate; else raises."""
-        msg = decode(d.body, self.config.max_message_bytes)
-        if not isinstance(msg, Update):
-            raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on updates")
-        if msg.party not in self.membership.parties:
-            raise InvalidMessage("unknown-party", f"party {msg.party!r} never joined")
-        if msg.seq <= self.last_seq.get(msg.party, -1):
-            return None
-        if list(msg.tensors) != self.names:
-            raise InvalidMessage("tensor-names", "update tensors differ from the model's")
-        for (name, dtype, shape), array in zip(self.spec, msg.tensors.values(), strict=True):
-            if array.dtype.name != dtype:
-                raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name} != {dtype}")
-            if array.shape != shape:
-                raise InvalidMessage("shape-mismatch", f"{name}: {array.shape} != {shape}")
-        if msg.base_version > self.status.version:
-            raise InvalidMessage("future-version", f"base version {msg.base_version} > "
-                                                   f"current {self.status.version}")
-        staleness = self.status.version - msg.base_version
-        if staleness > self.config.max_staleness:
-            raise InvalidMessage("stale", f"staleness {staleness} > {self.config.max_staleness}")
-        return msg
+        self._handled(d)
 
     def _reject(self, d: Delivery, exc: InvalidMessage) -> None:
         assert self._broker is not None
@@ -345,13 +424,13 @@ class Aggregator:
 
     def _new_version(self) -> None:
         self.status.version += 1
-        limit = self.config.max_versions
-        if limit is not None and self.status.version >= limit:
-            self._finish_with(f"version limit {limit}")
         window = list(self._applied_times)
         if len(window) >= 2 and window[-1] > window[0]:
             self.status.updates_per_second = (len(window) - 1) / (window[-1] - window[0])
         self._broadcast()
+        limit = self.config.max_versions
+        if limit is not None and self.status.version >= limit:
+            self._finish_with(f"version limit {limit}")
 
     def _broadcast(self) -> None:
         assert self._broker is not None

@@ -56,6 +56,12 @@ def add_common_options(parser: argparse.ArgumentParser, default_broker: str) -> 
                         "(built-ins: worker.data:load_mnist, load_synthetic)")
     g.add_argument("--queue-type", choices=QUEUE_TYPES, default="quorum",
                    help="RabbitMQ queue type of the shared queues")
+    g.add_argument("--updates-max-length", type=int, default=None, metavar="N",
+                   help="bound the updates queue (reject-publish: parties back off and retry); "
+                        "every process of a federation must give the same value")
+    g.add_argument("--ledger", default=None, metavar="FILE",
+                   help="audit trail of (party, seq): confirmed by a worker, applied by the "
+                        "aggregator (written at exit)")
     g.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log verbosity")
 

@@ -68,7 +68,9 @@ class Welcome:
     When ``accepted`` is false, ``reason`` says why and the party must stop. ``tensors`` is the
     current global model (empty until ``--min-parties`` have joined: the first model then comes
     on the party's model queue). ``last_seq`` is the last ``seq`` the aggregator holds for this
-    party, so a restarted party continues after it.
+    party; ``next_seq`` is where the party must continue: it starts a fresh range above every
+    ``seq`` the party may have sent before (even updates still queued), so a restarted party's
+    new updates are never mistaken for duplicates of its old ones.
     """
 
     KIND: ClassVar[str] = "welcome"
@@ -77,6 +79,7 @@ class Welcome:
     reason: str
     version: int
     last_seq: int
+    next_seq: int
     settings: Settings
     tensors: Tensors
 

@@ -31,6 +31,8 @@ class WorkerConfig:
     heartbeat_seconds: float = 5.0
     join_timeout: float = 10.0
     queue_type: str = "quorum"
+    updates_max_length: int | None = None
+    ledger: str | None = None
     slowdown: float = 1.0
     max_message_bytes: int = DEFAULT_MAX_BYTES
 

@@ -3,24 +3,35 @@
 The thread that calls ``run`` owns the broker connection and keeps servicing it (heartbeats,
 incoming models) while Keras trains on a separate single-thread executor: a long ``fit`` never
 starves AMQP heartbeats, and Keras objects never leave the training thread.
+
+What survives a lost connection lives on the object, not in the session: the training in
+progress, and the encoded update waiting for the broker's confirm. The supervisor reconnects,
+the party joins again (which also hands it a fresh ``seq`` range), and the pending update is
+published until the broker confirms it. A full queue (``reject-publish``) is met the same
+way: back off, keep servicing the connection, retry.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
 from messages.broker import Broker, Delivery, connect
 from messages.codec import decode, encode
-from messages.errors import FederationError, InvalidMessage, RpcTimeout
+from messages.errors import FederationError, InvalidMessage, PublishRejected, RpcTimeout
 from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Update, Welcome
 from messages.plugins import load_dataset
+from messages.supervisor import supervise
 from messages.topology import Topology
-from messages.types import NDArrays
+from messages.types import NDArrays, Settings
 from worker.config import WorkerConfig
 from worker.partition import partition_indices
 
@@ -28,6 +39,7 @@ if TYPE_CHECKING:
     from worker.training import LocalTrainer
 
 log = logging.getLogger("dfl.worker")
+TrainResult = tuple[NDArrays, dict[str, float]] | None
 
 
 @dataclass(slots=True)
@@ -37,6 +49,7 @@ class WorkerStats:
     updates_sent: int = 0
     last_seq: int = -1
     model_version: int = -1
+    rejected_publishes: int = 0
     stopped_by: str = ""
 
 
@@ -45,13 +58,20 @@ class Worker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.topology = Topology(config.federation, config.queue_type)
+        self.topology = Topology(config.federation, config.queue_type,
+                                 config.updates_max_length)
         self.stats = WorkerStats()
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._latest: Model | None = None
         self._thread: threading.Thread | None = None
         self._trainer: LocalTrainer | None = None
-        self.error: BaseException | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._training: tuple[int, Future[TrainResult]] | None = None  # base version, job
+        self._pending: tuple[int, bytes] | None = None  # seq, encoded update to confirm
+        self._next_seq = 0
+        self._last_base = -1
+        self._settings: Settings = {}
 
     # -- public API ------------------------------------------------------------------------
     def start(self) -> Worker:
@@ -88,24 +108,11 @@ class Worker:
     def run(self) -> WorkerStats:
         cfg = self.config
         with ThreadPoolExecutor(1, thread_name_prefix=f"train-{cfg.party}") as pool:
-            trainer = pool.submit(self._build_trainer).result()
-            self._trainer = trainer
+            self._pool = pool
+            self._trainer = pool.submit(self._build_trainer).result()
             if self._stop.is_set():
-                trainer.interrupted.set()
-            broker = connect(cfg.broker)
-            try:
-                self.topology.declare(broker)
-                queue = self.topology.declare_model_queue(broker, cfg.party)
-                broker.consume(queue, self._on_model, auto_ack=True)
-                welcome = self._join(broker, trainer)
-                if welcome is not None:
-                    self._loop(broker, pool, trainer, welcome)
-                if not self.stats.stopped_by.startswith("aggregator"):
-                    broker.publish("", self.topology.control,
-                                   encode(Leave(cfg.party, self.stats.stopped_by)),
-                                   persistent=False)
-            finally:
-                broker.close()
+                self._trainer.interrupted.set()
+            supervise(self._session, stop=self._stop, name=f"party {cfg.party}")
         log.info("party %s done: %d updates sent (%s)", cfg.party, self.stats.updates_sent,
                  self.stats.stopped_by)
         return self.stats
@@ -123,9 +130,28 @@ class Worker:
         return LocalTrainer(cfg.model, data.x_train[shard], data.y_train[shard],
                             seed=cfg.seed + cfg.party_id, slowdown=cfg.slowdown)
 
-    def _join(self, broker: Broker, trainer: LocalTrainer) -> Welcome | None:
+    def _session(self, connected: Callable[[], None]) -> None:
         cfg = self.config
-        join = encode(Join(cfg.party, len(trainer.y), trainer.initial(), software="dfl/0.1"))
+        broker = connect(cfg.broker)
+        try:
+            self.topology.declare(broker)
+            queue = self.topology.declare_model_queue(broker, cfg.party)
+            broker.consume(queue, self._on_model, auto_ack=True)
+            connected()
+            if self._join(broker) is None:
+                return
+            self._loop(broker)
+            if not self.stats.stopped_by.startswith("aggregator"):
+                broker.publish("", self.topology.control,
+                               encode(Leave(cfg.party, self.stats.stopped_by)), persistent=False)
+        finally:
+            broker.close()
+
+    def _join(self, broker: Broker) -> Welcome | None:
+        cfg = self.config
+        assert self._trainer is not None
+        join = encode(Join(cfg.party, len(self._trainer.y), self._trainer.initial(),
+                           software="dfl/0.1"))
         while not self._stop.is_set():
             try:
                 reply = decode(broker.call(self.topology.control, join,
@@ -138,7 +164,8 @@ class Worker:
             if not reply.accepted:
                 raise FederationError(f"the aggregator refused party {cfg.party}: "
                                       f"{reply.reason}")
-            self.stats.last_seq = reply.last_seq
+            self._next_seq = reply.next_seq
+            self._settings = dict(reply.settings)
             if reply.tensors and (self._latest is None or self._latest.version < reply.version):
                 self._latest = Model(reply.version, reply.tensors)
             if reply.tensors:
@@ -148,40 +175,68 @@ class Worker:
             return reply
         return None
 
-    def _loop(self, broker: Broker, pool: ThreadPoolExecutor, trainer: LocalTrainer,
-              welcome: Welcome) -> None:
-        cfg = self.config
-        settings = welcome.settings
-        steps, batch = int(settings["local_steps"]), int(settings["batch_size"])
-        lr, sync = float(settings["learning_rate"]), bool(settings["sync"])
-        last_base = -1
-        next_beat = time.monotonic() + cfg.heartbeat_seconds
+    def _loop(self, broker: Broker) -> None:
+        assert self._trainer is not None and self._pool is not None
+        trainer, s = self._trainer, self._settings
+        next_beat = time.monotonic()
         while not self._stop.is_set():
+            if self._pending is not None:
+                self._publish_pending(broker)
+                continue
+            if self._training is not None:
+                base_version, job = self._training
+                while not job.done():
+                    broker.process_events(0.1)
+                    next_beat = self._heartbeat(broker, next_beat)
+                self._training = None
+                result = job.result()
+                if result is None:  # interrupted by stop
+                    break
+                delta, metrics = result
+                update = Update(self.config.party, self._next_seq, base_version,
+                                len(trainer.y), dict(zip(trainer.names, delta, strict=True)),
+                                metrics)
+                self._pending = (self._next_seq, encode(update))
+                self._next_seq += 1
+                continue
             model = self._latest
-            if model is None or (sync and model.version <= last_base):
+            if model is None or (s["sync"] and model.version <= self._last_base):
                 broker.process_events(0.2)
                 next_beat = self._heartbeat(broker, next_beat)
                 continue
             base: NDArrays = [model.tensors[name] for name in trainer.names]
-            future: Future[tuple[NDArrays, dict[str, float]] | None] = pool.submit(
-                trainer.train, base, steps, batch, lr)
-            while not future.done():
-                broker.process_events(0.1)
-                next_beat = self._heartbeat(broker, next_beat)
-            result = future.result()
-            if result is None:  # interrupted: stop or aggregator's stop
-                break
-            delta, metrics = result
-            seq = self.stats.last_seq + 1
-            update = Update(cfg.party, seq, model.version, len(trainer.y),
-                            dict(zip(trainer.names, delta, strict=True)), metrics)
-            broker.publish("", self.topology.updates, encode(update), mandatory=True)
-            self.stats.last_seq = seq
-            self.stats.updates_sent += 1
-            last_base = model.version
-            log.info("party %s sent update %d from version %d (loss %.4f)", cfg.party, seq,
-                      model.version, metrics.get("loss", float("nan")))
-            broker.process_events(0)
+            self._training = (model.version, self._pool.submit(
+                trainer.train, base, int(s["local_steps"]), int(s["batch_size"]),
+                float(s["learning_rate"])))
+            self._last_base = model.version
+
+    def _publish_pending(self, broker: Broker) -> None:
+        """Publish the pending update until the broker confirms it (backing off when full)."""
+        assert self._pending is not None
+        seq, body = self._pending
+
+        def service(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                broker.process_events(min(0.2, max(deadline - time.monotonic(), 0)))
+
+        def rejected(state: object) -> None:
+            self.stats.rejected_publishes += 1
+            log.warning("party %s: updates queue full, update %d will be retried",
+                        self.config.party, seq)
+
+        for attempt in Retrying(retry=retry_if_exception_type(PublishRejected),
+                                wait=wait_exponential(multiplier=0.2, max=10), sleep=service,
+                                before_sleep=rejected, reraise=True):
+            with attempt:
+                broker.publish("", self.topology.updates, body, mandatory=True)
+        self._pending = None
+        self.stats.last_seq = seq
+        self.stats.updates_sent += 1
+        if self.config.ledger:
+            with open(self.config.ledger, "a") as f:
+                f.write(json.dumps({"party": self.config.party, "seq": seq}) + "\n")
+        log.info("party %s sent update %d", self.config.party, seq)
 
     def _heartbeat(self, broker: Broker, due: float) -> float:
         now = time.monotonic()

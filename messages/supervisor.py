@@ -1,0 +1,89 @@
+"""Keeping a daemon's broker session alive: reconnect with capped exponential backoff.
+
+A session is a function that connects, declares its topology, works, and returns when the
+daemon is done. When it raises ``ConnectionLost`` (broker restart, network cut, connections
+closed by an operator) it is run again after a backoff that doubles up to a cap, and resets
+once a session has stayed healthy for a while, so a broker that flaps every few hours is
+not met with a 30 s wait. ``AccessRefused`` and everything else propagate: a wrong password
+or a queue declared with other arguments is not fixed by retrying.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
+
+from messages.errors import ConnectionLost
+
+log = logging.getLogger("dfl.supervisor")
+
+
+Session = Callable[[Callable[[], None]], None]
+"""A session takes ``connected``, which it calls once its connection and topology are up."""
+
+
+def _interruptible(stop: threading.Event) -> Callable[[float], None]:
+    """A sleep that ends early when the daemon is told to stop."""
+
+    def sleep(seconds: float) -> None:
+        stop.wait(seconds)
+
+    return sleep
+
+
+def supervise(session: Session, *, stop: threading.Event, name: str, initial: float = 0.5,
+              cap: float = 30.0, healthy_after: float = 30.0) -> None:
+    """Run ``session`` until it returns or ``stop`` is set, reconnecting as described above.
+
+    Logs each loss, each wait and, on recovery, how long the daemon was disconnected.
+    """
+    lost_at: list[float] = []
+    connected_at: list[float] = []
+
+    def connected() -> None:
+        now = time.monotonic()
+        connected_at[:] = [now]
+        if lost_at:
+            log.info("%s: reconnected after %.1f s", name, now - lost_at[0])
+            lost_at.clear()
+
+    def attempt() -> bool:
+        connected_at.clear()
+        try:
+            session(connected)
+            return True
+        except ConnectionLost as exc:
+            now = time.monotonic()
+            if not lost_at:
+                lost_at.append(now)
+            if connected_at and now - connected_at[0] >= healthy_after:
+                log.warning("%s: connection lost after a healthy session (%s); reconnecting",
+                            name, exc)
+                return False  # a fresh Retrying below: the backoff starts over
+            raise
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s: broker unavailable (%s); retrying in %.1f s", name, exc, wait)
+
+    while not stop.is_set():
+        retrying = Retrying(
+            retry=retry_if_exception_type(ConnectionLost),
+            wait=wait_exponential(multiplier=initial, min=initial, max=cap),
+            stop=lambda _state: stop.is_set(),
+            sleep=_interruptible(stop),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            if retrying(attempt):
+                return
+        except ConnectionLost:
+            if stop.is_set():
+                return
+            raise
