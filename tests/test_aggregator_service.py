@@ -7,7 +7,7 @@ path (join, update, duplicate, bad input, leave) runs through the same code as i
 from __future__ import annotations
 
 import time
-import uuid
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,21 +71,37 @@ class Client:
             self.b.process_events(0.02)
 
 
+@dataclass
+class Env:
+    """Where a test's federation lives: a broker URL and a fresh federation id."""
+
+    url: str
+    federation: str
+
+    def start(self, **options: Any) -> Aggregator:
+        options.setdefault("min_parties", 2)
+        return Aggregator(AggregatorConfig(broker=self.url, federation=self.federation,
+                                           evaluate=False, **options)).start()
+
+    def client(self) -> Client:
+        return Client(self.url, Topology(self.federation))
+
+
 @pytest.fixture
-def url() -> str:
-    return f"memory://{uuid.uuid4().hex[:8]}"
-
-
-def start(url: str, **options: Any) -> Aggregator:
-    options.setdefault("min_parties", 2)
-    return Aggregator(AggregatorConfig(broker=url, federation="f", evaluate=False,
-                                       **options)).start()
+def env(broker_url: str, federation: str) -> Iterator[Env]:
+    """Every service test runs on memory:// and on RabbitMQ."""
+    yield Env(broker_url, federation)
+    with connect(broker_url) as b:
+        t = Topology(federation)
+        for q in (t.updates, t.control, t.dead):
+            b.delete_queue(q)
 
 
 @pytest.fixture
-def running(url: str) -> Iterator[tuple[Aggregator, Client]]:
-    agg = start(url, mixing_alpha=0.5, staleness="constant", max_staleness=3)
-    client = Client(url, Topology("f"))
+def running(env: Env) -> Iterator[tuple[Aggregator, Client]]:
+    agg = env.start(mixing_alpha=0.5, staleness="constant", max_staleness=3,
+                    max_message_bytes=64 * 1024)
+    client = env.client()
     client.listen("a")
     client.join("a")
     client.join("b")
@@ -100,9 +116,9 @@ def snapshot(agg: Aggregator) -> list[bytes]:
     return [w.tobytes() for w in agg.weights]
 
 
-def test_the_first_model_is_released_once_min_parties_have_joined(url: str) -> None:
-    agg = start(url)
-    client = Client(url, Topology("f"))
+def test_the_first_model_is_released_once_min_parties_have_joined(env: Env) -> None:
+    agg = env.start()
+    client = env.client()
     client.listen("a")
     first = client.join("a")
     assert first.accepted and first.tensors == {} and first.settings["local_steps"] == 100
@@ -177,13 +193,23 @@ BAD = [
     (body(tensors=[[n, "float32", list(s), np.full(s, np.nan, np.float32).tobytes()]
                    for n, s in SHAPES.items()]), "non-finite"),
     (body(num_samples=-3), "bad-samples"),
+    (body(num_samples=10**12), "bad-samples"),
+    (body(party=""), "bad-party"),
+    (body(encoding="top-k"), "bad-encoding"),
+    (body(metrics={"loss": float("inf")}), "non-finite"),
+    (body(tensors=[[n, "float32", list(s), np.zeros(s, np.float32).tobytes()]
+                   for n, s in SHAPES.items()] + [["extra", "float32", [1], b"\0" * 4]]),
+     "tensor-names"),
+    (body(tensors=[[n, "float32", list(s), np.zeros(s, np.float32).tobytes()]
+                   for n, s in reversed(SHAPES.items())]), "tensor-names"),
+    (body(padding=b"\0" * 70_000), "too-large"),
     (body(base_version=7), "future-version"),
     (encode(Join("a", 1, initial())), "wrong-queue"),
 ]
 
 
 @pytest.mark.parametrize(("bad", "reason"), BAD, ids=[r for _b, r in BAD])
-def test_bad_updates_are_dead_lettered_and_leave_the_model_bitwise_unchanged(
+def test_each_bad_update_is_dead_lettered_with_its_reason_and_changes_nothing(
         running: Any, bad: bytes, reason: str) -> None:
     agg, client = running
     before = snapshot(agg)
@@ -221,9 +247,9 @@ def test_a_rejoining_party_learns_its_last_seq(running: Any) -> None:
     assert client.join("a").last_seq == 1
 
 
-def test_sync_fedavg_waits_for_every_active_party_and_not_for_one_that_left(url: str) -> None:
-    agg = start(url, strategy="fedavg", min_parties=3)
-    client = Client(url, Topology("f"))
+def test_sync_fedavg_waits_for_every_active_party_and_not_for_one_that_left(env: Env) -> None:
+    agg = env.start(strategy="fedavg", min_parties=3)
+    client = env.client()
     client.listen("a")
     for party in "abc":
         client.join(party)
@@ -240,9 +266,9 @@ def test_sync_fedavg_waits_for_every_active_party_and_not_for_one_that_left(url:
     agg.wait(10)
 
 
-def test_the_aggregator_stops_at_its_version_limit_and_broadcasts_stop(url: str) -> None:
-    agg = start(url, max_versions=2, min_parties=1)
-    client = Client(url, Topology("f"))
+def test_the_aggregator_stops_at_its_version_limit_and_broadcasts_stop(env: Env) -> None:
+    agg = env.start(max_versions=2, min_parties=1)
+    client = env.client()
     client.listen("a")
     client.join("a")
     client.update("a", 0, 0)
