@@ -68,7 +68,9 @@ def add_common_options(parser: argparse.ArgumentParser, default_broker: str) -> 
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pika logs every refused or dropped connection with a traceback; the daemons report
+    # the same event once, translated, so pika speaks only when debugging.
+    logging.getLogger("pika").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     # TensorFlow's C++ start-up chatter drowns the federation's own log lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

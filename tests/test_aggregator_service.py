@@ -7,8 +7,8 @@ path (join, update, duplicate, bad input, leave) runs through the same code as i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack

@@ -1,0 +1,53 @@
+"""Refusals that retrying cannot fix stop a daemon at once with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from urllib.parse import urlparse, urlunparse
+
+import pytest
+
+from messages.broker import connect
+from messages.topology import Topology
+from tests.test_cli import ENV
+from tests.test_end_to_end import dfl
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def with_password(url: str, password: str) -> str:
+    p = urlparse(url)
+    return urlunparse(p._replace(netloc=f"{p.username}:{password}@{p.hostname}:{p.port}"))
+
+
+def refused(*args: str) -> str:
+    started = time.monotonic()
+    result = subprocess.run([dfl(), *args], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 30  # it did not sit in a reconnect loop
+    errors = [ln for ln in result.stderr.splitlines() if ": error:" in ln]
+    assert len(errors) == 1, result.stderr
+    assert "wrong" not in errors[0]  # the password is never echoed
+    return errors[0]
+
+
+def test_bad_credentials_stop_the_aggregator_with_one_line(amqp_url: str) -> None:
+    line = refused("aggregator", "--broker", with_password(amqp_url, "wrong"), "--no-eval")
+    assert "login refused, check the user and password" in line
+
+
+def test_a_queue_declared_with_other_arguments_stops_the_worker(amqp_url: str,
+                                                                federation: str) -> None:
+    t = Topology(federation, queue_type="classic")
+    with connect(amqp_url) as b:
+        t.declare(b)
+    try:
+        line = refused("worker", "--broker", amqp_url, "--federation", federation,
+                       "--party-id", "0", "--model", "worker.models:tiny_cnn",
+                       "--data", "worker.data:load_synthetic")
+        assert "PRECONDITION_FAILED" in line
+    finally:
+        with connect(amqp_url) as b:
+            for q in (t.updates, t.control, t.dead):
+                b.delete_queue(q)
