@@ -190,6 +190,10 @@ BAD = [
     (body(tensors=tensors_with(prefix="x/")), "tensor-names"),
     (body(tensors=tensors_with(shape=(2,))), "shape-mismatch"),
     (body(tensors=tensors_with(dtype="float16")), "dtype-mismatch"),
+    (body(tensors=[[n, "complex64", list(s), np.zeros(s, np.complex64).tobytes()]
+                   for n, s in SHAPES.items()]), "bad-dtype"),
+    (body(tensors=[[n, "float32", list(s), np.full(s, -np.inf, np.float32).tobytes()]
+                   for n, s in SHAPES.items()]), "non-finite"),
     (body(tensors=[[n, "float32", list(s), np.full(s, np.nan, np.float32).tobytes()]
                    for n, s in SHAPES.items()]), "non-finite"),
     (body(num_samples=-3), "bad-samples"),
