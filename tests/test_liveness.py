@@ -35,17 +35,17 @@ def test_training_longer_than_the_lease_and_the_amqp_heartbeat_keeps_the_party_a
         broker_url: str, federation: str, cleanup: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    # AMQP heartbeat of 1 s: a fit that blocked the connection's thread would be dropped.
-    url = broker_url + ("?heartbeat=1" if broker_url.startswith("amqp") else "")
+    # AMQP heartbeat of 2 s: a fit that blocked the connection's thread would be dropped.
+    url = broker_url + ("?heartbeat=2" if broker_url.startswith("amqp") else "")
     agg = Aggregator(AggregatorConfig(broker=url, federation=federation, evaluate=False,
-                                      min_parties=1, max_versions=2, lease_seconds=1.0,
-                                      local_steps=200, **TINY)).start()
+                                      min_parties=1, max_versions=2, lease_seconds=3.0,
+                                      local_steps=100, **TINY)).start()
     party = Worker(WorkerConfig(party_id=0, num_parties=1, broker=url, federation=federation,
-                                heartbeat_seconds=0.2, slowdown=5.0, **TINY)).start()
+                                heartbeat_seconds=0.2, slowdown=10.0, **TINY)).start()
     started = time.monotonic()
     assert agg.wait(120)
     assert party.wait(30)
-    assert time.monotonic() - started > 2  # each round outlived the lease and the heartbeat
+    assert time.monotonic() - started > 2 * 3.0  # the rounds outlived the lease and heartbeat
     assert "lease expired" not in caplog.text
     assert "broker unavailable" not in caplog.text and "connection lost" not in caplog.text
     assert agg.status.updates == 2 and agg.membership.parties["0"].active

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ def test_lost_connections_are_retried_with_growing_capped_waits() -> None:
         connected()
 
     supervise(session, stop=threading.Event(), name="t", initial=0.05, cap=0.2)
-    waits = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    waits = [b - a for a, b in itertools.pairwise(calls)]
     assert len(calls) == 5
     assert waits[1] > waits[0] * 1.5  # exponential ...
     assert max(waits) < 0.35  # ... up to the cap
