@@ -194,9 +194,11 @@ def test_a_worker_killed_and_restarted_continues_without_duplicates(fed: Federat
     w1.wait()
     fed.wait_for_more_confirmed(4)
     fed.worker(1)
-    fed.wait_until("the restarted party to send", lambda: fed.log("w1").count(
-        "joined at model version") >= 2 and "sent update" in fed.log("w1").split(
-        "joined at model version")[-1], 120)
+    def runs() -> list[str]:
+        return fed.log("w1").split("training samples")  # logged once per start
+
+    fed.wait_until("the restarted party to send",
+                   lambda: len(runs()) == 3 and "sent update" in runs()[-1], 120)
     books = fed.finish()
     books.check(fed.versions, unlogged_allowed=1)
     # the restarted party's new updates were applied, not taken for duplicates
