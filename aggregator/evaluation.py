@@ -28,10 +28,11 @@ class Evaluator:
     """Evaluates the newest submitted snapshot; older pending snapshots are skipped."""
 
     def __init__(self, model_plugin: str, data_plugin: str, data_dir: str | None, seed: int,
-                 log_path: str | None) -> None:
+                 log_path: str | None, tensorboard: str | None = None) -> None:
         self._model_plugin, self._data_plugin = model_plugin, data_plugin
         self._data_dir, self._seed = data_dir, seed
         self._log_path = Path(log_path) if log_path else None
+        self._tensorboard = tensorboard
         self._pending: tuple[int, NDArrays, int, float] | None = None
         self._cond = threading.Condition()
         self._busy = False
@@ -76,6 +77,7 @@ class Evaluator:
         try:
             model = build_model(self._model_plugin, self._seed)
             data = load_dataset(self._data_plugin, self._data_dir)
+            scalars = _TensorBoard(self._tensorboard) if self._tensorboard else None
         except BaseException as exc:  # reported to the aggregator, which stops with it
             with self._cond:
                 self.error = exc
@@ -99,6 +101,8 @@ class Evaluator:
                 if self._log_path is not None:
                     with self._log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
+                if scalars is not None:
+                    scalars.write(record)
                 self.results.put(record)
             except BaseException as exc:
                 with self._cond:
@@ -107,3 +111,21 @@ class Evaluator:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+class _TensorBoard:
+    """Evaluation scalars for TensorBoard: by version, and by whole seconds of wall time."""
+
+    def __init__(self, logdir: str) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(logdir)
+
+    def write(self, record: EvalRecord) -> None:
+        tf = self._tf
+        with self._writer.as_default():
+            for name in ("accuracy", "loss"):
+                tf.summary.scalar(f"{name}/by_version", record[name], step=record["version"])
+                tf.summary.scalar(f"{name}/by_seconds", record[name], step=int(record["time"]))
+        self._writer.flush()

@@ -18,10 +18,16 @@ class Party:
     num_samples: int
     joined_at: float
     last_seen: float
-    active: bool = True
+    state: str = "active"
+    """``active``, ``left`` (said goodbye) or ``expired`` (lease ran out)."""
     updates: int = 0
     staleness_sum: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    last_base: int = -1
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
 
     @property
     def mean_staleness(self) -> float:
@@ -43,7 +49,7 @@ class Membership:
         p = self.parties.get(party)
         if p is None:
             p = self.parties[party] = Party(party, num_samples, now, now)
-        p.num_samples, p.last_seen, p.active = num_samples, now, True
+        p.num_samples, p.last_seen, p.state = num_samples, now, "active"
         return p
 
     def seen(self, party: str) -> bool:
@@ -52,7 +58,7 @@ class Membership:
         if p is None:
             return False
         p.last_seen = self._clock()
-        p.active = True
+        p.state = "active"
         return True
 
     def leave(self, party: str) -> bool:
@@ -60,7 +66,7 @@ class Membership:
         p = self.parties.get(party)
         if p is None or not p.active:
             return False
-        p.active = False
+        p.state = "left"
         return True
 
     def expire(self) -> list[str]:
@@ -68,15 +74,19 @@ class Membership:
         deadline = self._clock() - self.lease_seconds
         gone = [p.party for p in self.parties.values() if p.active and p.last_seen < deadline]
         for party in gone:
-            self.parties[party].active = False
+            self.parties[party].state = "expired"
         return gone
 
-    def record(self, party: str, staleness: int, metrics: dict[str, float]) -> None:
+    def record(self, party: str, staleness: int, base: int, metrics: dict[str, float]) -> None:
         """Count an applied (or buffered) update of ``party``."""
         p = self.parties[party]
         p.updates += 1
         p.staleness_sum += staleness
+        p.last_base = base
         p.metrics = metrics
+
+    def seconds_since_seen(self, party: str) -> float:
+        return self._clock() - self.parties[party].last_seen
 
     @property
     def active(self) -> frozenset[str]:

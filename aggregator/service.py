@@ -27,13 +27,15 @@ from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalRecord, Evaluator
 from aggregator.membership import Membership, Party
+from aggregator.metrics import AggregatorMetrics
+from aggregator.report import status_report
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
 from aggregator.validation import check_update
 from messages.broker import Broker, Delivery, connect
 from messages.codec import decode, encode
 from messages.errors import FederationError, InvalidMessage
-from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Welcome
+from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Welcome
 from messages.plugins import build_model
 from messages.supervisor import supervise
 from messages.topology import Topology
@@ -59,6 +61,17 @@ class Status:
     active_parties: int = 0
     checkpoints: int = 0
     finished: str | None = None
+
+
+def load_keras_weights(path: str) -> Tensors:
+    """The weights of a saved ``.keras`` model by name (imports Keras: only when asked)."""
+    import keras
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise FederationError(f"--initial-model {path!r}: cannot load it ({exc})") from None
+    return {w.path: np.asarray(w.numpy()) for w in model.weights}
 
 
 class Aggregator:
@@ -87,7 +100,9 @@ class Aggregator:
         self.status = Status()
         self.store = CheckpointStore(config.checkpoint_dir) if config.checkpoint_dir else None
         self.evaluator = (Evaluator(config.model, config.data, config.data_dir, config.seed,
-                                    config.eval_log) if config.evaluate else None)
+                                    config.eval_log, config.tensorboard)
+                          if config.evaluate else None)
+        self.metrics = AggregatorMetrics()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,6 +111,7 @@ class Aggregator:
         self._applied_times: deque[float] = deque(maxlen=200)
         self._last_eval_version = -1
         self._last_eval_at = 0.0
+        self._depth_at = 0.0
         # deliveries handled but not yet acked: acked together at the next commit
         self._unacked: Delivery | None = None
         self._uncommitted = 0
@@ -156,6 +172,11 @@ class Aggregator:
         self._started = time.monotonic()
         if self.store is not None and (state := self.store.load_latest()) is not None:
             self._restore(state)
+        elif self.config.initial_model:
+            self._adopt_initial(load_keras_weights(self.config.initial_model))
+        if self.config.metrics_port is not None:
+            self.metrics = AggregatorMetrics(self.config.metrics_port)
+            log.info("metrics on http://0.0.0.0:%d/metrics", self.metrics.port)
         if self.evaluator is not None:
             self.evaluator.start()
         try:
@@ -163,6 +184,7 @@ class Aggregator:
         finally:
             if self.evaluator is not None:
                 self.evaluator.close()
+            self.metrics.close()
         self._write_ledger()
         return self.status
 
@@ -196,6 +218,10 @@ class Aggregator:
             log.warning("party %s: lease expired, no longer waited for", party)
             self._parties_changed()
         self.status.active_parties = len(self.membership.active)
+        self.metrics.active_parties.set(self.status.active_parties)
+        if self._broker is not None and time.monotonic() - self._depth_at > 5:
+            self._depth_at = time.monotonic()
+            self.metrics.queue_depth.set(self._broker.queue_depth(self.topology.updates))
         if (self._uncommitted and time.monotonic() - self._uncommitted_since
                 >= cfg.checkpoint_every_seconds):
             self._commit()
@@ -307,6 +333,8 @@ class Aggregator:
         while not ev.results.empty():
             record = ev.results.get()
             self.status.accuracy = record["accuracy"]
+            self.metrics.accuracy.set(record["accuracy"])
+            self.metrics.loss.set(record["loss"])
             log.info("version %d: accuracy %.4f loss %.4f (%d updates, %.1f s)",
                      record["version"], record["accuracy"], record["loss"], record["updates"],
                      record["time"])
@@ -324,6 +352,8 @@ class Aggregator:
                 self._broker.reply(d, encode(self._welcome(msg)))
             elif isinstance(msg, Heartbeat):
                 self.membership.seen(msg.party)
+            elif isinstance(msg, Query):
+                self._broker.reply(d, encode(self._answer(msg)))
             elif isinstance(msg, Leave):
                 log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
                 if self.membership.leave(msg.party):
@@ -334,6 +364,17 @@ class Aggregator:
             self._reject(d, exc)
             return
         self._handled(d)
+
+    def _answer(self, query: Query) -> Report | Model:
+        if query.what == "status":
+            return Report(status_report(self.config.federation, self.config.strategy,
+                                        self.status, self.membership,
+                                        time.monotonic() - self._started))
+        if query.what == "model" and self.weights:
+            return Model(self.status.version, dict(zip(self.names, self.weights, strict=True)))
+        if query.what == "model":
+            return Report({"error": "there is no model yet: no party has joined"})
+        return Report({"error": f"unknown query {query.what!r}: ask for status or model"})
 
     def _welcome(self, join: Join) -> Welcome:
         def refuse(reason: str) -> Welcome:
@@ -385,6 +426,7 @@ class Aggregator:
             self._broker.nack(d, requeue=True)
             return
         cfg = self.config
+        began = time.perf_counter()
         try:
             update = check_update(decode(d.body, cfg.max_message_bytes),
                                   parties=self.membership.parties, spec=self.spec,
@@ -395,6 +437,7 @@ class Aggregator:
             return
         if update is None:  # a replayed or redelivered (party, seq): already in the state
             self.status.duplicates += 1
+            self.metrics.duplicates.inc()
             self._handled(d)
             return
         staleness = self.status.version - update.base_version
@@ -405,25 +448,33 @@ class Aggregator:
         if outcome is Outcome.DISCARDED:
             self.status.discarded += 1
         else:
-            self.membership.record(update.party, staleness, update.metrics)
+            self.membership.record(update.party, staleness, update.base_version, update.metrics)
             self.status.updates += 1
+            self.metrics.applied.inc()
+            self.metrics.staleness.observe(staleness)
             self._applied_times.append(time.monotonic())
             if cfg.ledger:
                 self.ledger.append([update.party, update.seq])
-        log.debug("update %s#%d base %d staleness %d: %s", update.party, update.seq,
-                  update.base_version, staleness, outcome.value)
         if outcome is Outcome.APPLIED:
             self._new_version()
+        self.metrics.apply_seconds.observe(time.perf_counter() - began)
+        self.metrics.party_lag.labels(update.party).set(self.status.version - update.base_version)
+        log.info("update %s#%d base %d staleness %d: %s, version %d", update.party, update.seq,
+                 update.base_version, staleness, outcome.value, self.status.version,
+                 extra={"party": update.party, "seq": update.seq, "staleness": staleness,
+                        "version": self.status.version, "outcome": outcome.value})
         self._handled(d)
 
     def _reject(self, d: Delivery, exc: InvalidMessage) -> None:
         assert self._broker is not None
         self.status.rejected[exc.reason] += 1
+        self.metrics.rejected.labels(exc.reason).inc()
         log.warning("dead-lettered a message from %s: %s", d.queue, exc)
         self.topology.dead_letter(self._broker, d, exc)
 
     def _new_version(self) -> None:
         self.status.version += 1
+        self.metrics.version.set(self.status.version)
         window = list(self._applied_times)
         if len(window) >= 2 and window[-1] > window[0]:
             self.status.updates_per_second = (len(window) - 1) / (window[-1] - window[0])

@@ -5,9 +5,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from aggregator import AggregatorConfig
 from aggregator import cli as aggregator_cli
-from messages.cli import Formatter, Parser, add_common_options, fail, setup_logging
+from deploy import plot, remote
+from messages.cli import (
+    Formatter,
+    Parser,
+    add_common_options,
+    bind_settings,
+    fail,
+    flags_for,
+    setup_logging,
+)
 from messages.errors import FederationError
+from worker import WorkerConfig
 from worker import cli as worker_cli
 
 RUN_DESCRIPTION = """\
@@ -22,26 +33,34 @@ example:
 """
 
 
+RUN_DEFAULTS = {"target_accuracy": 0.98, "max_seconds": 1800.0, "broker": "memory://",
+                "eval_log": "runs/eval.jsonl", "save_model": "runs/global.keras"}
+
+
 def _run(argv: list[str]) -> int:
     prog = "dfl run"
     parser = Parser(prog=prog, description=RUN_DESCRIPTION, formatter_class=Formatter)
-    parser.add_argument("--parties", type=int, default=2, help="number of parties")
-    add_common_options(parser, "memory://")
+    parser.add_argument("--parties", type=int, default=2, help="number of parties (default: 2)")
+    add_common_options(parser)
     aggregator_cli.add_strategy_options(parser)
     worker_cli.add_partition_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (e.g. in CI logs)")
-    parser.set_defaults(target_accuracy=0.98, max_seconds=1800.0, min_parties=None,
-                        eval_log="runs/eval.jsonl", save_model="runs/global.keras")
+    bind_settings(parser, AggregatorConfig, WorkerConfig, overrides=RUN_DEFAULTS)
     ns = parser.parse_args(argv)
-    setup_logging(ns.log_level)
+    setup_logging(ns.log_level, ns.log_format)
     from deploy.launcher import run_federation
 
     try:
         if ns.parties < 1:
             fail(prog, f"--parties {ns.parties}: must be at least 1")
-        agg_config = aggregator_cli.config_from_args(ns, min_parties=ns.min_parties or ns.parties)
-        worker_configs = [worker_cli.config_from_args(ns, party_id=i, num_parties=ns.parties)
+        agg_flags = {**RUN_DEFAULTS, "min_parties": ns.parties,
+                     **flags_for(ns, AggregatorConfig)}
+        agg_config = AggregatorConfig.load(agg_flags)
+        worker_flags = {k: v for k, v in flags_for(ns, WorkerConfig).items()}
+        worker_flags.setdefault("broker", agg_config.broker)
+        worker_configs = [WorkerConfig.load({**worker_flags, "party_id": i,
+                                             "num_parties": ns.parties})
                           for i in range(ns.parties)]
         for path in (agg_config.eval_log, agg_config.save_model):
             if path:
@@ -64,6 +83,12 @@ COMMANDS = {
     "run": ("train a whole federation on this machine (embedded broker)", _run),
     "aggregator": ("run the aggregator daemon", lambda a: aggregator_cli.main(a)),
     "worker": ("run one party's daemon", lambda a: worker_cli.main(a)),
+    "status": ("show a running federation as a table (or --json)",
+               lambda a: remote.status_main(a)),
+    "export": ("save a running federation's global model as .keras",
+               lambda a: remote.export_main(a)),
+    "plot": ("plot test accuracy against wall time from evaluation logs",
+             lambda a: plot.main(a)),
 }
 
 
@@ -71,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
         usage = "\n".join(f"  dfl {name:<11} {text}" for name, (text, _) in COMMANDS.items())
-        text = ("usage: dfl {run,aggregator,worker} [options]\n\n"
+        text = (f"usage: dfl {{{','.join(COMMANDS)}}} [options]\n\n"
                 "Asynchronous federated learning with Keras over RabbitMQ.\n\n"
                 f"commands:\n{usage}\n\n'dfl COMMAND --help' describes each command.\n")
         if args and args[0] not in ("-h", "--help"):
-            print(f"dfl: error: unknown command {args[0]!r} (use run, aggregator or worker)",
+            print(f"dfl: error: unknown command {args[0]!r} (use one of {', '.join(COMMANDS)})",
                   file=sys.stderr)
             return 2
         print(text, end="")

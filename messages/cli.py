@@ -1,7 +1,9 @@
-"""Command-line pieces the daemons share: one-line errors, common options, logging.
+"""Command-line pieces the daemons share: one-line errors, common options, logging, settings.
 
 Both ``aggregator`` and ``worker`` import ``messages`` (never each other), so the options
-they have in common are declared once here.
+they have in common are declared once here. Options that are settings carry no argparse
+default: only the flags a user typed reach the settings object, so ``DFL_*`` variables and
+the ``--config`` file fill in the rest (see ``messages.settings``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from messages.topology import QUEUE_TYPES
+from pydantic import BaseModel
+
+from messages.settings import ENV_PREFIX
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 
@@ -26,8 +30,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the hand-made paragraphs of descriptions."""
+Formatter = argparse.RawDescriptionHelpFormatter
 
 
 def fail(prog: str, message: object) -> NoReturn:
@@ -36,38 +39,82 @@ def fail(prog: str, message: object) -> NoReturn:
     raise SystemExit(2)
 
 
-def add_common_options(parser: argparse.ArgumentParser, default_broker: str) -> None:
+def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Options every process of a federation takes."""
     g = parser.add_argument_group("federation")
-    g.add_argument("--broker", default=default_broker, metavar="URL",
+    g.add_argument("--broker", metavar="URL",
                    help="message broker: memory:// (in-process) or "
                         "amqp://user:pass@host:5672/vhost (amqps:// for TLS)")
-    g.add_argument("--federation", default="mnist", metavar="ID",
+    g.add_argument("--federation", metavar="ID",
                    help="federation id; prefixes every queue, so federations can share a vhost")
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder with the MNIST IDX .gz files or mnist.npz (else $DFL_DATA_DIR, "
-                        "else Keras's cache or download)")
-    g.add_argument("--seed", type=int, default=0, help="seed for model init, partitions, order")
-    g.add_argument("--model", default="worker.models:mnist_cnn", metavar="MODULE:FUNC",
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="folder with the MNIST IDX .gz files or mnist.npz (else Keras's cache "
+                        "or download)")
+    g.add_argument("--seed", type=int, help="seed for model init, partitions, data order")
+    g.add_argument("--model", metavar="MODULE:FUNC",
                    help="Keras model plug-in: a function returning a compiled model "
                         "(built-ins: worker.models:mnist_cnn, mnist_mlp, tiny_cnn)")
-    g.add_argument("--data", default="worker.data:load_mnist", metavar="MODULE:FUNC",
+    g.add_argument("--data", metavar="MODULE:FUNC",
                    help="data plug-in returning x_train, y_train, x_test, y_test "
                         "(built-ins: worker.data:load_mnist, load_synthetic)")
-    g.add_argument("--queue-type", choices=QUEUE_TYPES, default="quorum",
+    g.add_argument("--queue-type", choices=("quorum", "classic"),
                    help="RabbitMQ queue type of the shared queues")
-    g.add_argument("--updates-max-length", type=int, default=None, metavar="N",
+    g.add_argument("--updates-max-length", type=int, metavar="N",
                    help="bound the updates queue (reject-publish: parties back off and retry); "
                         "every process of a federation must give the same value")
-    g.add_argument("--ledger", default=None, metavar="FILE",
-                   help="audit trail of (party, seq): confirmed by a worker, applied by the "
-                        "aggregator (written at exit)")
-    g.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log verbosity")
+    o = parser.add_argument_group("logging")
+    o.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="log verbosity")
+    o.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="json: one JSON object per line, with party, version and staleness "
+                        "fields on update lines")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def add_daemon_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a long-running daemon (not of the one-machine ``dfl run``)."""
+    g = parser.add_argument_group("operations")
+    g.add_argument("--config", metavar="FILE.toml",
+                   help=f"TOML file of settings (option names with underscores); flags and "
+                        f"{ENV_PREFIX}* environment variables override it")
+    g.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics")
+    g.add_argument("--ledger", metavar="FILE",
+                   help="audit trail of (party, seq) for exactly-once checks")
+
+
+def bind_settings(parser: argparse.ArgumentParser, *models: type[BaseModel],
+                  overrides: dict[str, Any] | None = None) -> None:
+    """Show each setting's default in its help, and leave unset flags out of the namespace."""
+    shown = dict(overrides or {})
+    for action in parser._actions:  # argparse has no public way to walk its options
+        field = next((m.model_fields[action.dest] for m in models
+                      if action.dest in m.model_fields), None)
+        if field is None or not action.option_strings:
+            continue
+        default = shown.get(action.dest, field.default)
+        env = f"{ENV_PREFIX}{action.dest.upper()}"
+        shown_default = str(default).replace("%", "%%")  # help strings are %-formatted
+        action.help = f"{action.help or ''} (default: {shown_default}; env {env})"
+        action.default = argparse.SUPPRESS
+
+
+def flags_for(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The options the user typed that belong to ``model``."""
+    return {k: v for k, v in vars(ns).items() if k in model.model_fields}
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
     # pika logs every refused or dropped connection with a traceback; the daemons report
     # the same event once, translated, so pika speaks only when debugging.
     logging.getLogger("pika").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)

@@ -169,9 +169,28 @@ def _tensors(name: str, x: Any) -> Tensors:
     return out
 
 
+def _document(name: str, x: Any, depth: int = 0) -> Any:
+    if depth > 16:
+        raise InvalidMessage("bad-value", f"field {name!r} nests too deeply")
+    if isinstance(x, dict):
+        return {_str(f"{name} key", k): _document(name, v, depth + 1) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_document(name, v, depth + 1) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise _wrong(name, "plain data", x)
+
+
+def _report(name: str, x: Any) -> Any:
+    if not isinstance(x, dict):
+        raise _wrong(name, "a map", x)
+    return _document(name, x)
+
+
 _CHECKERS: dict[str, Callable[[str, Any], Any]] = {
     "str": _str, "int": _int, "float": _float, "bool": _bool,
     "dict[str, float]": _metrics, "Settings": _settings, "Tensors": _tensors,
+    "Document": _report,
 }
 
 

@@ -13,6 +13,7 @@ one class; transport errors (pika, sockets) are translated into it at the broker
     └── BrokerError
         ├── ConnectionLost     the broker went away; reconnecting can fix it
         ├── AccessRefused      credentials, permissions or topology refused; retrying cannot fix it
+        │   └── ResourceLocked an exclusive queue is held by another connection
         ├── PublishRejected    the broker nacked a publish (e.g. queue full); retry later
         └── RpcTimeout         no reply to an RPC within its deadline
 """
@@ -62,6 +63,10 @@ class AccessRefused(BrokerError):
 
     Reconnecting cannot fix this, so daemons stop with this message instead of looping.
     """
+
+
+class ResourceLocked(AccessRefused):
+    """An exclusive queue is in use by another connection (RabbitMQ's RESOURCE_LOCKED)."""
 
 
 class PublishRejected(BrokerError):

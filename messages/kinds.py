@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from messages.types import Settings, Tensors
+from messages.types import Document, Settings, Tensors
 
 
 @dataclass(slots=True)
@@ -112,8 +112,28 @@ class Stop:
     reason: str
 
 
-Message = Update | Model | Join | Welcome | Leave | Heartbeat | Stop
+@dataclass(slots=True)
+class Query:
+    """An operator's question to the aggregator (RPC on ``F.control``).
+
+    ``what`` is ``"status"`` (answered with a ``Report``) or ``"model"`` (answered with the
+    current ``Model``, for exporting it from any host).
+    """
+
+    KIND: ClassVar[str] = "query"
+    what: str
+
+
+@dataclass(slots=True)
+class Report:
+    """The aggregator's answer to a status query: plain data (see ``dfl status --json``)."""
+
+    KIND: ClassVar[str] = "report"
+    data: Document
+
+
+Message = Update | Model | Join | Welcome | Leave | Heartbeat | Stop | Query | Report
 
 KINDS: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Update, Model, Join, Welcome, Leave, Heartbeat, Stop)
+    cls.KIND: cls for cls in (Update, Model, Join, Welcome, Leave, Heartbeat, Stop, Query, Report)
 }

@@ -24,7 +24,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from messages.broker import Broker, Delivery, Handler, check_headers
-from messages.errors import AccessRefused, BrokerError, ConnectionLost, PublishRejected, RpcTimeout
+from messages.errors import (
+    AccessRefused,
+    BrokerError,
+    ConnectionLost,
+    PublishRejected,
+    ResourceLocked,
+    RpcTimeout,
+)
 
 
 @dataclass(slots=True)
@@ -128,8 +135,8 @@ class MemoryBroker(Broker):
                                                    self if exclusive else None)
                 return
             if q.owner is not None and q.owner is not self:
-                raise AccessRefused(f"RESOURCE_LOCKED: queue {name!r} is exclusive to another "
-                                    "connection")
+                raise ResourceLocked(f"RESOURCE_LOCKED: queue {name!r} is exclusive to another "
+                                     "connection")
             if (q.durable, q.exclusive, q.auto_delete, q.arguments) != (
                     durable, exclusive, auto_delete, args):
                 raise AccessRefused(f"PRECONDITION_FAILED: queue {name!r} exists with other "
@@ -239,7 +246,7 @@ class MemoryBroker(Broker):
         with self._server.lock:
             q = self._queue(queue)
             if q.owner is not None and q.owner is not self:
-                raise AccessRefused(f"RESOURCE_LOCKED: queue {queue!r} is exclusive")
+                raise ResourceLocked(f"RESOURCE_LOCKED: queue {queue!r} is exclusive")
             c = _Consumer(f"ctag-{uuid.uuid4().hex[:12]}", q, self, handler, prefetch, auto_ack)
             q.consumers.append(c)
             q.had_consumer = True

@@ -19,7 +19,14 @@ import pika
 import pika.exceptions as pe
 
 from messages.broker import Broker, Delivery, Handler, check_headers
-from messages.errors import AccessRefused, BrokerError, ConnectionLost, PublishRejected, RpcTimeout
+from messages.errors import (
+    AccessRefused,
+    BrokerError,
+    ConnectionLost,
+    PublishRejected,
+    ResourceLocked,
+    RpcTimeout,
+)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Broker close codes that retrying cannot fix: access refused, precondition failed (a queue
@@ -43,6 +50,8 @@ def _translated(what: str) -> Iterator[None]:
         raise PublishRejected(f"{what}: broker did not take the message ({exc})") from None
     except (pe.ChannelClosedByBroker, pe.ConnectionClosedByBroker) as exc:
         text = f"{what}: {exc.reply_code} {exc.reply_text}"
+        if exc.reply_code == 405:
+            raise ResourceLocked(text) from None
         if exc.reply_code in _REFUSALS:
             raise AccessRefused(text) from None
         if exc.reply_code == 404:

@@ -20,6 +20,9 @@ Scalar = bool | int | float | str
 Settings = dict[str, Scalar]
 """Training settings the aggregator hands to parties in its welcome."""
 
+Document = dict[str, Any]
+"""Plain data (maps, lists, strings, numbers) such as a status report."""
+
 TensorSpec = tuple[tuple[str, str, tuple[int, ...]], ...]
 """(name, dtype, shape) for every tensor of a model: what an update must match."""
 

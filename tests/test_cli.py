@@ -54,7 +54,8 @@ def test_dfl_without_a_command_lists_the_commands() -> None:
     (["run", "--mixing-alpha", "1.5"], "--mixing-alpha 1.5"),
     (["run", "--broker", "redis://x"], "use memory:// or amqp://"),
     (["worker", "--party-id", "5", "--num-parties", "2"], "--party-id 5: must be in 0..1"),
-    (["aggregator", "--target-accuracy", "98"], "--target-accuracy 98.0: give a fraction"),
+    (["aggregator", "--target-accuracy", "98"], "--target-accuracy 98.0: Input should be less"),
+    (["aggregator", "--strategy", "x"], "invalid choice: 'x'"),
     (["aggregator", "--federation", "a b"], "--federation 'a b'"),
     (["teleport"], "unknown command 'teleport'"),
 ])

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from typing import Any
 
 from messages.cli import (
-    DEFAULT_AMQP_URL,
     Formatter,
     Parser,
     add_common_options,
+    add_daemon_options,
+    bind_settings,
     fail,
+    flags_for,
     on_termination,
     setup_logging,
 )
@@ -19,6 +21,8 @@ from messages.errors import FederationError
 from worker.config import WorkerConfig
 from worker.partition import SCHEMES
 from worker.service import Worker
+
+log = logging.getLogger("dfl.worker")
 
 DESCRIPTION = """\
 Run one party of a federation: it loads its own shard of the training data (party
@@ -37,49 +41,47 @@ example:
 def add_partition_options(parser: argparse.ArgumentParser) -> None:
     """How the training set is split among parties; shared by ``dfl worker`` and ``dfl run``."""
     g = parser.add_argument_group("partition")
-    g.add_argument("--partition", choices=SCHEMES, default="iid",
+    g.add_argument("--partition", choices=SCHEMES,
                    help="iid: uniform random split; dirichlet: label skew with --alpha; "
                         "shards: McMahan's sorted shards, --shards-per-party classes each")
-    g.add_argument("--alpha", type=float, default=0.5,
+    g.add_argument("--alpha", type=float,
                    help="Dirichlet concentration: small = strong label skew, large = near iid")
-    g.add_argument("--shards-per-party", type=int, default=2,
+    g.add_argument("--shards-per-party", type=int,
                    help="shards (about one class each) per party for --partition shards")
-
-
-def config_from_args(ns: argparse.Namespace, **overrides: Any) -> WorkerConfig:
-    """A ``WorkerConfig`` from parsed options (raises ``ConfigError``)."""
-    fields = set(WorkerConfig.__dataclass_fields__)
-    values = {k: v for k, v in vars(ns).items() if k in fields}
-    values.update(overrides)
-    return WorkerConfig(**values)
 
 
 def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=Formatter)
-    parser.add_argument("--party-id", type=int, required=True,
-                        help="this party's index, 0..N-1: picks its shard and names it")
-    parser.add_argument("--num-parties", type=int, default=2,
+    parser.add_argument("--party-id", metavar="ID",
+                        help="this party's index 0..N-1 (picks its shard and names it); "
+                             "'hostname' takes the host name's trailing number (a StatefulSet "
+                             "ordinal); 'auto' claims the lowest id no running party holds")
+    parser.add_argument("--num-parties", type=int,
                         help="N, the number of shards the training set is split into")
-    add_common_options(parser, DEFAULT_AMQP_URL)
+    add_common_options(parser)
     add_partition_options(parser)
-    parser.add_argument("--heartbeat-seconds", type=float, default=5.0,
+    add_daemon_options(parser)
+    parser.add_argument("--heartbeat-seconds", type=float,
                         help="how often the party tells the aggregator it is alive")
-    parser.add_argument("--slowdown", type=float, default=1.0,
+    parser.add_argument("--slowdown", type=float,
                         help="simulate a slower party: after each round, sleep (SLOWDOWN - 1) "
                              "times the measured training time")
+    bind_settings(parser, WorkerConfig)
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "dfl worker") -> int:
     ns = build_parser(prog).parse_args(argv)
-    setup_logging(ns.log_level)
+    setup_logging(ns.log_level, ns.log_format)
     try:
-        worker = Worker(config_from_args(ns))
+        config = WorkerConfig.load(flags_for(ns, WorkerConfig), ns.config)
+        log.info("settings in force:\n%s", config.effective())
+        worker = Worker(config)
         on_termination(worker.stop)
         stats = worker.run()
     except FederationError as exc:
         fail(prog, exc)
-    print(f"party {ns.party_id} finished: {stats.updates_sent} updates sent "
+    print(f"party {worker.config.party} finished: {stats.updates_sent} updates sent "
           f"({stats.stopped_by or 'stopped'})")
     return 0
 

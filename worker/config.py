@@ -1,63 +1,86 @@
-"""The worker's settings, checked once at construction (``ConfigError`` names the fix)."""
+"""The worker's settings: flags > ``DFL_*`` environment > ``--config`` TOML > defaults."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import socket
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from messages.broker import check_broker_url
 from messages.codec import DEFAULT_MAX_BYTES
-from messages.errors import ConfigError
-from messages.topology import QUEUE_TYPES
-from worker.partition import SCHEMES
+from messages.settings import DaemonSettings
+from messages.topology import check_name
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 
-@dataclass(slots=True)
-class WorkerConfig:
-    """Everything a ``Worker`` needs; see ``dfl worker --help`` for each option."""
+def ordinal_from_hostname(hostname: str | None = None) -> int:
+    """The trailing number of the host name: a StatefulSet pod ``worker-3`` is party 3."""
+    name = hostname or socket.gethostname()
+    match = re.search(r"(\d+)$", name.split(".")[0])
+    if match is None:
+        raise ValueError(f"--party-id hostname: host name {name!r} does not end in a number")
+    return int(match.group(1))
 
-    party_id: int = 0
-    num_parties: int = 2
+
+class WorkerConfig(DaemonSettings):
+    """Everything a ``Worker`` needs; see ``dfl worker --help`` for each option.
+
+    ``party_id`` is a number, ``"hostname"`` (taken from the host name's trailing number at
+    construction) or ``"auto"`` (the lowest id no running party holds, claimed through the
+    broker when the worker starts).
+    """
+
+    party_id: int | Literal["auto"] = 0
+    num_parties: int = Field(default=2, ge=1)
     broker: str = DEFAULT_AMQP_URL
     federation: str = "mnist"
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_party: int = 2
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(default=0.5, gt=0)
+    shards_per_party: int = Field(default=2, ge=1)
     data_dir: str | None = None
     model: str = "worker.models:mnist_cnn"
     data: str = "worker.data:load_mnist"
     seed: int = 0
-    heartbeat_seconds: float = 5.0
-    join_timeout: float = 10.0
-    queue_type: str = "quorum"
-    updates_max_length: int | None = None
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    join_timeout: float = Field(default=10.0, gt=0)
+    slowdown: float = Field(default=1.0, ge=1)
     ledger: str | None = None
-    slowdown: float = 1.0
-    max_message_bytes: int = DEFAULT_MAX_BYTES
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    updates_max_length: int | None = Field(default=None, ge=1)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
 
-    def __post_init__(self) -> None:
-        check_broker_url(self.broker)
-        if self.num_parties < 1:
-            raise ConfigError(f"--num-parties {self.num_parties}: must be at least 1")
-        if not 0 <= self.party_id < self.num_parties:
-            raise ConfigError(f"--party-id {self.party_id}: must be in 0..{self.num_parties - 1} "
-                              f"(one shard per party of --num-parties {self.num_parties})")
-        if self.partition not in SCHEMES:
-            raise ConfigError(f"--partition {self.partition!r}: use one of {', '.join(SCHEMES)}")
-        if self.queue_type not in QUEUE_TYPES:
-            raise ConfigError(f"--queue-type {self.queue_type!r}: use one of "
-                              f"{', '.join(QUEUE_TYPES)}")
-        if not self.alpha > 0:
-            raise ConfigError(f"--alpha {self.alpha}: the Dirichlet concentration must be > 0")
-        if self.slowdown < 1:
-            raise ConfigError(f"--slowdown {self.slowdown}: must be >= 1 (1 = full speed)")
-        for name, value in (("--heartbeat-seconds", self.heartbeat_seconds),
-                            ("--join-timeout", self.join_timeout)):
-            if not value > 0:
-                raise ConfigError(f"{name} {value}: must be greater than 0")
+    @field_validator("party_id", mode="before")
+    @classmethod
+    def _party_id(cls, value: object) -> object:
+        if value == "hostname":
+            return ordinal_from_hostname()
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        return value
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        return check_broker_url(value)
+
+    @field_validator("federation")
+    @classmethod
+    def _federation(cls, value: str) -> str:
+        return check_name("--federation", value)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> WorkerConfig:
+        if isinstance(self.party_id, int) and not 0 <= self.party_id < self.num_parties:
+            raise ValueError(f"--party-id {self.party_id}: must be in 0..{self.num_parties - 1} "
+                             f"(one shard per party of --num-parties {self.num_parties}), "
+                             "or auto, or hostname")
+        return self
 
     @property
     def party(self) -> str:
-        """The party's id on the wire and in queue names."""
+        """The party's id on the wire and in queue names (after ``auto`` was resolved)."""
         return str(self.party_id)

@@ -26,13 +26,20 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from messages.broker import Broker, Delivery, connect
 from messages.codec import decode, encode
-from messages.errors import FederationError, InvalidMessage, PublishRejected, RpcTimeout
+from messages.errors import (
+    FederationError,
+    InvalidMessage,
+    PublishRejected,
+    ResourceLocked,
+    RpcTimeout,
+)
 from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Update, Welcome
 from messages.plugins import load_dataset
 from messages.supervisor import supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Settings
 from worker.config import WorkerConfig
+from worker.metrics import WorkerMetrics
 from worker.partition import partition_indices
 
 if TYPE_CHECKING:
@@ -61,6 +68,7 @@ class Worker:
         self.topology = Topology(config.federation, config.queue_type,
                                  config.updates_max_length)
         self.stats = WorkerStats()
+        self.metrics = WorkerMetrics()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._latest: Model | None = None
@@ -107,35 +115,41 @@ class Worker:
     # -- the daemon loop -------------------------------------------------------------------
     def run(self) -> WorkerStats:
         cfg = self.config
-        with ThreadPoolExecutor(1, thread_name_prefix=f"train-{cfg.party}") as pool:
-            self._pool = pool
-            self._trainer = pool.submit(self._build_trainer).result()
-            if self._stop.is_set():
-                self._trainer.interrupted.set()
-            supervise(self._session, stop=self._stop, name=f"party {cfg.party}")
-        log.info("party %s done: %d updates sent (%s)", cfg.party, self.stats.updates_sent,
-                 self.stats.stopped_by)
+        if cfg.metrics_port is not None:
+            self.metrics = WorkerMetrics(cfg.metrics_port)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="train") as pool:
+                self._pool = pool
+                supervise(self._session, stop=self._stop, name=f"party {cfg.party}")
+        finally:
+            self.metrics.close()
+        log.info("party %s done: %d updates sent (%s)", self.config.party,
+                 self.stats.updates_sent, self.stats.stopped_by)
         return self.stats
 
-    def _build_trainer(self) -> LocalTrainer:
+    def _build_trainer(self, party_id: int) -> LocalTrainer:
         from worker.training import LocalTrainer  # imports Keras: only where training happens
 
         cfg = self.config
         data = load_dataset(cfg.data, cfg.data_dir)
         shard = partition_indices(data.y_train, cfg.num_parties, cfg.partition, alpha=cfg.alpha,
                                   shards_per_party=cfg.shards_per_party,
-                                  seed=cfg.seed)[cfg.party_id]
-        log.info("party %s: %d training samples (%s partition)", cfg.party, len(shard),
+                                  seed=cfg.seed)[party_id]
+        log.info("party %d: %d training samples (%s partition)", party_id, len(shard),
                  cfg.partition)
         return LocalTrainer(cfg.model, data.x_train[shard], data.y_train[shard],
-                            seed=cfg.seed + cfg.party_id, slowdown=cfg.slowdown)
+                            seed=cfg.seed + party_id, slowdown=cfg.slowdown)
 
     def _session(self, connected: Callable[[], None]) -> None:
         cfg = self.config
         broker = connect(cfg.broker)
         try:
             self.topology.declare(broker)
-            queue = self.topology.declare_model_queue(broker, cfg.party)
+            queue = self._claim(broker)
+            if self._trainer is None:
+                self._trainer = self._serviced(broker, self._build_trainer, self.config.party_id)
+                if self._stop.is_set():
+                    self._trainer.interrupted.set()
             broker.consume(queue, self._on_model, auto_ack=True)
             connected()
             if self._join(broker) is None:
@@ -143,9 +157,42 @@ class Worker:
             self._loop(broker)
             if not self.stats.stopped_by.startswith("aggregator"):
                 broker.publish("", self.topology.control,
-                               encode(Leave(cfg.party, self.stats.stopped_by)), persistent=False)
+                               encode(Leave(self.config.party, self.stats.stopped_by)),
+                               persistent=False)
         finally:
             broker.close()
+
+    def _claim(self, broker: Broker) -> str:
+        """Declare this party's exclusive model queue; with ``auto``, the first free id.
+
+        The queue is exclusive to this connection, so it doubles as a lock on the party id:
+        a second process with the same id is refused instead of corrupting the federation.
+        """
+        cfg = self.config
+        ids = range(cfg.num_parties) if cfg.party_id == "auto" else [int(cfg.party_id)]
+        for party_id in ids:
+            try:
+                queue = self.topology.declare_model_queue(broker, str(party_id))
+            except ResourceLocked:
+                continue
+            if cfg.party_id == "auto":
+                log.info("claimed party id %d of %d", party_id, cfg.num_parties)
+                self.config = cfg.model_copy(update={"party_id": party_id})
+            return queue
+        if cfg.party_id == "auto":
+            raise FederationError(f"all {cfg.num_parties} party ids are taken by running "
+                                  "parties; raise --num-parties or stop one")
+        raise FederationError(f"party {cfg.party_id} is already active from another "
+                              "connection; give this one another --party-id")
+
+    def _serviced(self, broker: Broker, fn: Callable[..., LocalTrainer], *args: object
+                  ) -> LocalTrainer:
+        """Run ``fn`` on the training thread while this thread keeps the connection alive."""
+        assert self._pool is not None
+        job = self._pool.submit(fn, *args)
+        while not job.done():
+            broker.process_events(0.1)
+        return job.result()
 
     def _join(self, broker: Broker) -> Welcome | None:
         cfg = self.config
@@ -193,6 +240,7 @@ class Worker:
                 if result is None:  # interrupted by stop
                     break
                 delta, metrics = result
+                self.metrics.train_seconds.observe(metrics["train_seconds"])
                 update = Update(self.config.party, self._next_seq, base_version,
                                 len(trainer.y), dict(zip(trainer.names, delta, strict=True)),
                                 metrics)
@@ -225,12 +273,15 @@ class Worker:
             log.warning("party %s: updates queue full, update %d will be retried",
                         self.config.party, seq)
 
+        began = time.perf_counter()
         for attempt in Retrying(retry=retry_if_exception_type(PublishRejected),
                                 wait=wait_exponential(multiplier=0.2, max=10), sleep=service,
                                 before_sleep=rejected, reraise=True):
             with attempt:
                 broker.publish("", self.topology.updates, body, mandatory=True)
         self._pending = None
+        self.metrics.publish_seconds.observe(time.perf_counter() - began)
+        self.metrics.updates_sent.inc()
         self.stats.last_seq = seq
         self.stats.updates_sent += 1
         if self.config.ledger:
@@ -260,3 +311,4 @@ class Worker:
                                          or msg.version > self._latest.version):
             self._latest = msg
             self.stats.model_version = msg.version
+            self.metrics.model_version.set(msg.version)

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the aggregator.
+
+Each aggregator keeps its own registry (tests run several in one process) and serves it
+only when ``--metrics-port`` is given; the same endpoint answers liveness probes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class AggregatorMetrics:
+    """The aggregator's instruments; ``port`` (0 = any free port) serves them over HTTP."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.registry = r = CollectorRegistry()
+        self.applied = Counter("dfl_updates_applied", "Updates folded into the model",
+                               registry=r)
+        self.rejected = Counter("dfl_updates_rejected", "Messages dead-lettered, by reason",
+                                ["reason"], registry=r)
+        self.duplicates = Counter("dfl_updates_duplicate",
+                                  "Replayed or redelivered (party, seq) dropped", registry=r)
+        self.staleness = Histogram("dfl_update_staleness",
+                                   "Versions between an update's base and the model",
+                                   buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89), registry=r)
+        self.apply_seconds = Histogram("dfl_apply_seconds",
+                                       "Decode, validate and apply of one update",
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                0.1, 0.25, 1), registry=r)
+        self.version = Gauge("dfl_model_version", "Global model version", registry=r)
+        self.active_parties = Gauge("dfl_active_parties", "Parties holding a lease", registry=r)
+        self.party_lag = Gauge("dfl_party_lag_versions",
+                               "Versions between the model and a party's last base version",
+                               ["party"], registry=r)
+        self.queue_depth = Gauge("dfl_updates_queue_depth", "Messages ready in F.updates",
+                                 registry=r)
+        self.accuracy = Gauge("dfl_eval_accuracy", "Test accuracy of the last evaluated "
+                              "version", registry=r)
+        self.loss = Gauge("dfl_eval_loss", "Test loss of the last evaluated version",
+                          registry=r)
+        self.port: int | None = None
+        self._server = None
+        if port is not None:
+            self._server, _thread = start_http_server(port, registry=r)
+            self.port = int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,35 @@
+"""The federation at a glance: the data behind ``dfl status`` (plain, JSON-ready)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aggregator.membership import Membership
+    from aggregator.service import Status
+
+
+def status_report(federation: str, strategy: str, status: Status, membership: Membership,
+                  uptime: float) -> dict[str, Any]:
+    """Model version, throughput, every party's state, and dead-letter counts by reason."""
+    parties = []
+    for p in sorted(membership.parties.values(), key=lambda p: p.party):
+        accuracy = p.metrics.get("accuracy")
+        parties.append({
+            "party": p.party, "state": p.state,
+            "last_seen_seconds": round(membership.seconds_since_seen(p.party), 1),
+            "updates": p.updates, "mean_staleness": round(p.mean_staleness, 2),
+            "local_accuracy": None if accuracy is None else round(accuracy, 4),
+            "lag": None if p.last_base < 0 else status.version - p.last_base,
+            "samples": p.num_samples,
+        })
+    return {
+        "federation": federation, "strategy": strategy, "version": status.version,
+        "released": status.released, "updates": status.updates,
+        "updates_per_second": round(status.updates_per_second, 2),
+        "duplicates": status.duplicates, "discarded": status.discarded,
+        "dead_lettered": dict(sorted(status.rejected.items())),
+        "accuracy": status.accuracy, "checkpoints": status.checkpoints,
+        "active_parties": sum(1 for p in membership.parties.values() if p.active),
+        "uptime_seconds": round(uptime, 1), "finished": status.finished, "parties": parties,
+    }

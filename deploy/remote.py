@@ -1,0 +1,126 @@
+"""``dfl status`` and ``dfl export``: ask a running aggregator over the broker.
+
+Both are RPCs on the federation's control queue, so they work from any host that reaches
+RabbitMQ; nothing connects to the aggregator's machine directly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from tabulate import tabulate
+
+from messages.broker import connect
+from messages.cli import DEFAULT_AMQP_URL, Formatter, Parser, fail
+from messages.codec import decode, encode
+from messages.errors import FederationError, PublishRejected
+from messages.kinds import Message, Model, Query, Report
+from messages.settings import ENV_PREFIX, mask_url
+from messages.topology import Topology
+
+STATUS_DESCRIPTION = """\
+Show a running federation: model version, updates/s, every party (state, last seen,
+updates applied, mean staleness, last local accuracy, lag) and dead-lettered messages by
+reason. Asks the aggregator over the broker, so it works from any host.
+
+example:
+  dfl status --broker amqp://guest:guest@rabbit:5672/%2F --federation mnist
+  dfl status --json | jq .parties
+"""
+
+EXPORT_DESCRIPTION = """\
+Save the current global model of a running federation as a .keras file: the weights come
+from the aggregator over the broker and go into the model plug-in's architecture.
+
+example:
+  dfl export --broker amqp://guest:guest@rabbit:5672/%2F --federation mnist -o now.keras
+"""
+
+
+def _parser(prog: str, description: str) -> Parser:
+    import os
+
+    parser = Parser(prog=prog, description=description, formatter_class=Formatter)
+    parser.add_argument("--broker", default=os.environ.get(f"{ENV_PREFIX}BROKER",
+                                                           DEFAULT_AMQP_URL), metavar="URL",
+                        help=f"the federation's broker (default: ${ENV_PREFIX}BROKER or the "
+                             "local RabbitMQ)")
+    parser.add_argument("--federation", default=os.environ.get(f"{ENV_PREFIX}FEDERATION",
+                                                               "mnist"), metavar="ID",
+                        help="federation id (default: mnist)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the aggregator's answer (default: 10)")
+    return parser
+
+
+def ask(broker_url: str, federation: str, what: str, timeout: float) -> Message:
+    """Send a query to the federation's aggregator and return its answer."""
+    topology = Topology(federation)
+    with connect(broker_url) as broker:
+        try:
+            reply = broker.call(topology.control, encode(Query(what)), timeout=timeout)
+        except PublishRejected:
+            raise FederationError(f"no federation {federation!r} on {mask_url(broker_url)} "
+                                  "(its control queue does not exist)") from None
+    answer = decode(reply.body)
+    if isinstance(answer, Report) and "error" in answer.data:
+        raise FederationError(str(answer.data["error"]))
+    return answer
+
+
+def status_table(data: dict[str, Any]) -> str:
+    head = (f"federation {data['federation']} ({data['strategy']}): version {data['version']}, "
+            f"{data['updates']} updates, {data['updates_per_second']} updates/s, "
+            f"{data['active_parties']} active parties, accuracy {data['accuracy']}")
+    rows = [[p["party"], p["state"], f"{p['last_seen_seconds']} s ago", p["updates"],
+             p["mean_staleness"], p["local_accuracy"], p["lag"]] for p in data["parties"]]
+    table = tabulate(rows, headers=["party", "state", "last seen", "updates",
+                                    "mean staleness", "local accuracy", "lag"])
+    dead = ", ".join(f"{k}: {v}" for k, v in data["dead_lettered"].items()) or "none"
+    return f"{head}\n\n{table}\n\ndead-lettered: {dead}; duplicates dropped: {data['duplicates']}"
+
+
+def status_main(argv: list[str] | None = None) -> int:
+    prog = "dfl status"
+    parser = _parser(prog, STATUS_DESCRIPTION)
+    parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    ns = parser.parse_args(argv)
+    try:
+        answer = ask(ns.broker, ns.federation, "status", ns.timeout)
+    except FederationError as exc:
+        fail(prog, exc)
+    assert isinstance(answer, Report)
+    print(json.dumps(answer.data, indent=2) if ns.json else status_table(answer.data))
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    prog = "dfl export"
+    parser = _parser(prog, EXPORT_DESCRIPTION)
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.keras",
+                        help="where to save the model")
+    parser.add_argument("--model", default="worker.models:mnist_cnn", metavar="MODULE:FUNC",
+                        help="the federation's model plug-in (default: worker.models:mnist_cnn)")
+    ns = parser.parse_args(argv)
+    try:
+        answer = ask(ns.broker, ns.federation, "model", ns.timeout)
+        assert isinstance(answer, Model)
+        from messages.plugins import build_model
+
+        model = build_model(ns.model, 0)
+        names = [w.path for w in model.weights]
+        if names != list(answer.tensors):
+            raise FederationError("the federation's tensors do not match --model's weights; "
+                                  "give the model plug-in the federation uses")
+        model.set_weights(list(answer.tensors.values()))
+        model.save(ns.output)
+    except FederationError as exc:
+        fail(prog, exc)
+    print(f"saved global model version {answer.version} to {ns.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(status_main())

@@ -1,0 +1,101 @@
+"""Daemon settings from flags > environment (``DFL_*``) > a TOML file (``--config``) > defaults.
+
+Both daemons' configurations derive from ``DaemonSettings`` (pydantic-settings), so every
+option can come from any of the three places under the same name: ``--min-parties 3``,
+``DFL_MIN_PARTIES=3``, or ``min_parties = 3`` in the TOML file. A value that cannot work is
+refused at construction with ``ConfigError``: one line naming the setting, where it may come
+from, and what it accepts.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from messages.errors import ConfigError
+
+ENV_PREFIX = "DFL_"
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("dfl_config",
+                                                                          default=None)
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem of a validation error as one line an operator can act on."""
+    first = error.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else ""
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not name:  # a check across settings already names them
+        return message
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" {value!r}"
+    return (f"--{name.replace('_', '-')}{shown}: {message} "
+            f"(set by the flag, {ENV_PREFIX}{name.upper()}, or {name} in --config)")
+
+
+class DaemonSettings(BaseSettings):
+    """Base of ``AggregatorConfig`` and ``WorkerConfig``: layered sources, one-line errors."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid",
+                                      validate_default=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, flags: dict[str, Any], config_file: str | None = None) -> Any:
+        """Settings from explicit ``flags``, then ``DFL_*`` variables, then ``config_file``."""
+        path = Path(config_file) if config_file else None
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--config {config_file!r}: no such file; give a TOML file of "
+                              "settings (option names with underscores)")
+        token = _CONFIG_FILE.set(path)
+        try:
+            return cls(**flags)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a TOML syntax error
+            raise ConfigError(f"--config {config_file!r}: {exc}") from None
+        finally:
+            _CONFIG_FILE.reset(token)
+
+    def effective(self) -> str:
+        """The settings in force, one ``name=value`` per line, passwords masked."""
+        lines = []
+        for name, value in self.model_dump().items():
+            if isinstance(value, str) and "://" in value:
+                value = mask_url(value)
+            lines.append(f"  {name} = {value!r}")
+        return "\n".join(lines)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and status output)."""
+    parts = urlparse(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
