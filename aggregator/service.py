@@ -63,15 +63,26 @@ class Status:
     finished: str | None = None
 
 
-def load_keras_weights(path: str) -> Tensors:
-    """The weights of a saved ``.keras`` model by name (imports Keras: only when asked)."""
+def load_keras_weights(path: str, model_plugin: str) -> Tensors:
+    """A saved ``.keras`` model's weights, named as the model plug-in names them.
+
+    Keras names a reloaded model's weights differently from a freshly built one (no model
+    prefix), so the names come from the plug-in and the file supplies the values, checked
+    shape by shape. Imports Keras: only when a starting model is given.
+    """
     import keras
 
     try:
-        model = keras.saving.load_model(path, compile=False)
+        saved = keras.saving.load_model(path, compile=False)
     except Exception as exc:
         raise FederationError(f"--initial-model {path!r}: cannot load it ({exc})") from None
-    return {w.path: np.asarray(w.numpy()) for w in model.weights}
+    fresh = build_model(model_plugin, 0)
+    names = [w.path for w in fresh.weights]
+    values = [np.asarray(v) for v in saved.get_weights()]
+    shapes = [tuple(w.shape) for w in fresh.weights]
+    if [v.shape for v in values] != shapes:
+        raise FederationError(f"--initial-model {path!r} does not fit --model {model_plugin}")
+    return dict(zip(names, values, strict=True))
 
 
 class Aggregator:
@@ -173,7 +184,7 @@ class Aggregator:
         if self.store is not None and (state := self.store.load_latest()) is not None:
             self._restore(state)
         elif self.config.initial_model:
-            self._adopt_initial(load_keras_weights(self.config.initial_model))
+            self._adopt_initial(load_keras_weights(self.config.initial_model, self.config.model))
         if self.config.metrics_port is not None:
             self.metrics = AggregatorMetrics(self.config.metrics_port)
             log.info("metrics on http://0.0.0.0:%d/metrics", self.metrics.port)

@@ -11,12 +11,14 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from messages.broker import Broker, connect
 from messages.errors import BrokerError
 from messages.topology import Topology
+from tests.processes import Procs
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -110,3 +112,11 @@ def brokers(broker_url: str, topology: Topology) -> Iterator[Brokers]:
     b = Brokers(broker_url, topology)
     yield b
     b.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """``dfl`` processes for the test; any still running at the end are killed."""
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()

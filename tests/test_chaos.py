@@ -31,11 +31,10 @@ from messages.codec import decode
 from messages.errors import InvalidMessage
 from messages.kinds import Update
 from messages.topology import Topology
-from tests.test_end_to_end import dfl
+from tests.processes import ENV, dfl
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 TINY = ["--model", "worker.models:tiny_cnn", "--data", "worker.data:load_synthetic"]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
 
 class Federation:

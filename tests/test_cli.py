@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_end_to_end import dfl
-
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+from tests.processes import ENV, dfl
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -74,8 +71,11 @@ def test_dfl_run_trains_on_the_embedded_broker_and_writes_log_and_model(tmp_path
                  "--data", "worker.data:load_synthetic", "--local-steps", "10",
                  "--max-versions", "12", "--target-accuracy", "1.0", "--no-progress",
                  "--eval-every-seconds", "1", "--eval-log", str(eval_log),
-                 "--save-model", str(model), timeout=300)
+                 "--save-model", str(model), "--log-format", "json", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    logged = [json.loads(ln) for ln in result.stderr.splitlines() if ln.startswith("{")]
+    updates = [r for r in logged if r.get("outcome") == "applied"]
+    assert updates and {"party", "version", "staleness", "message"} <= set(updates[0])
     assert "target accuracy 1 reached" in result.stdout or "version limit 12" in result.stdout
     records = [json.loads(line) for line in eval_log.read_text().splitlines()]
     assert {"time", "version", "accuracy", "loss", "updates"} <= set(records[-1])

@@ -19,8 +19,8 @@ import pytest
 
 from messages.broker import connect
 from messages.topology import Topology
-from tests.test_cli import ENV
-from tests.test_end_to_end import TINY, Procs, dfl, evaluations, procs  # noqa: F401
+from tests.processes import ENV, Procs, dfl
+from tests.test_end_to_end import TINY, evaluations
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -55,7 +55,7 @@ def until(what: str, check: Any, timeout: float, procs: Procs) -> float:
 
 
 def test_parties_join_leave_and_die_while_the_federation_keeps_training(
-        amqp_url: str, federation: str, procs: Procs, tmp_path: Path) -> None:  # noqa: F811
+        amqp_url: str, federation: str, procs: Procs, tmp_path: Path) -> None:
     common = ["--broker", amqp_url, "--federation", federation, *TINY]
     port = free_port()
     eval_log = tmp_path / "eval.jsonl"

@@ -7,60 +7,20 @@ the console command, process boundaries, the broker, SIGTERM.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from messages.broker import connect
 from messages.topology import Topology
+from tests.processes import Procs
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 TINY = ["--model", "worker.models:tiny_cnn", "--data", "worker.data:load_synthetic"]
-
-
-def dfl() -> str:
-    beside = Path(sys.executable).parent / "dfl"
-    found = str(beside) if beside.exists() else shutil.which("dfl")
-    assert found, "the dfl console command is not installed (pip install -e .)"
-    return found
-
-
-class Procs:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[str]] = {}
-        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[str]:
-        log = (self.tmp / f"{name}.log").open("w")
-        p = subprocess.Popen([dfl(), *args], stdout=log, stderr=subprocess.STDOUT, text=True,
-                             env=self.env)
-        self.procs[name] = p
-        return p
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    yield p
-    p.stop_all()
 
 
 def wait_for(what: str, done: Callable[[], bool], timeout: float, procs: Procs) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,3 +37,33 @@ def test_a_federation_runs_from_python_and_returns_a_keras_model(strategy: str) 
     assert agg.status.updates >= 8
     if strategy == "fedavg":  # sync rounds: one update from each party per version
         assert agg.status.updates == 16
+
+
+def test_a_saved_model_is_the_starting_point_of_a_new_federation(tmp_path: Path) -> None:
+    from messages.plugins import build_model
+
+    saved = build_model(TINY["model"], seed=7)
+    saved.set_weights([np.full(w.shape, 0.125, w.dtype) for w in saved.get_weights()])
+    path = tmp_path / "start.keras"
+    saved.save(path)
+    agg = Aggregator(AggregatorConfig(broker=f"memory://{uuid.uuid4().hex[:8]}",
+                                      min_parties=5, evaluate=False, initial_model=str(path),
+                                      **TINY)).start()
+    deadline = time.monotonic() + 60
+    while not agg.weights and time.monotonic() < deadline:
+        time.sleep(0.1)
+    agg.stop()
+    agg.wait(30)
+    assert agg.names == [w.path for w in saved.weights]
+    assert all((w == 0.125).all() for w in agg.weights)
+
+
+def test_evaluations_are_also_written_as_tensorboard_scalars(tmp_path: Path) -> None:
+    broker = f"memory://{uuid.uuid4().hex[:8]}"
+    agg = Aggregator(AggregatorConfig(broker=broker, min_parties=1, max_versions=3,
+                                      local_steps=5, eval_every_seconds=0.2,
+                                      tensorboard=str(tmp_path / "tb"), **TINY)).start()
+    party = Worker(WorkerConfig(party_id=0, num_parties=1, broker=broker, **TINY)).start()
+    assert agg.wait(120) and party.wait(60)
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100

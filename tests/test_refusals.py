@@ -10,8 +10,7 @@ import pytest
 
 from messages.broker import connect
 from messages.topology import Topology
-from tests.test_cli import ENV
-from tests.test_end_to_end import dfl
+from tests.processes import ENV, dfl
 
 pytestmark = pytest.mark.rabbitmq
 

