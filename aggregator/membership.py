@@ -24,6 +24,7 @@ class Party:
     staleness_sum: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     last_base: int = -1
+    software: str = ""
 
     @property
     def active(self) -> bool:
@@ -43,13 +44,13 @@ class Membership:
         self._clock = clock
         self.parties: dict[str, Party] = {}
 
-    def join(self, party: str, num_samples: int) -> Party:
+    def join(self, party: str, num_samples: int, software: str = "") -> Party:
         """Register (or re-register after a restart or an expired lease) a party."""
         now = self._clock()
         p = self.parties.get(party)
         if p is None:
             p = self.parties[party] = Party(party, num_samples, now, now)
-        p.num_samples, p.last_seen, p.state = num_samples, now, "active"
+        p.num_samples, p.last_seen, p.state, p.software = num_samples, now, "active", software
         return p
 
     def seen(self, party: str) -> bool:

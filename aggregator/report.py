@@ -21,7 +21,7 @@ def status_report(federation: str, strategy: str, status: Status, membership: Me
             "updates": p.updates, "mean_staleness": round(p.mean_staleness, 2),
             "local_accuracy": None if accuracy is None else round(accuracy, 4),
             "lag": None if p.last_base < 0 else status.version - p.last_base,
-            "samples": p.num_samples,
+            "samples": p.num_samples, "software": p.software,
         })
     return {
         "federation": federation, "strategy": strategy, "version": status.version,

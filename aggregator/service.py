@@ -399,7 +399,7 @@ class Aggregator:
         elif join.tensors and spec_of(join.tensors) != self.spec:
             return refuse("model mismatch: the party's model has other tensor names, dtypes "
                           "or shapes than the federation's (check --model)")
-        self.membership.join(join.party, join.num_samples)
+        self.membership.join(join.party, join.num_samples, join.software)
         incarnation = self.incarnation[join.party] = self.incarnation.get(join.party, 0) + 1
         log.info("party %s joined at version %d (%d samples); %d active", join.party,
                  self.status.version, join.num_samples, len(self.membership.active))

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from messages.broker import Broker, Delivery, connect
-from messages.codec import decode, encode
+from messages.codec import SCHEMA_VERSION, decode, encode
 from messages.errors import (
     FederationError,
     InvalidMessage,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from worker.training import LocalTrainer
 
 log = logging.getLogger("dfl.worker")
+SOFTWARE = f"dfl/{metadata.version('deep-federated-learning')} schema/{SCHEMA_VERSION}"
+"""What a party declares in its join: the framework release and the wire schema."""
 TrainResult = tuple[NDArrays, dict[str, float]] | None
 
 
@@ -198,7 +201,7 @@ class Worker:
         cfg = self.config
         assert self._trainer is not None
         join = encode(Join(cfg.party, len(self._trainer.y), self._trainer.initial(),
-                           software="dfl/0.1"))
+                           software=SOFTWARE))
         while not self._stop.is_set():
             try:
                 reply = decode(broker.call(self.topology.control, join,
