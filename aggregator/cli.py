@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from aggregator.config import AggregatorConfig
@@ -15,14 +14,8 @@ from messages.cli import (
     add_common_options,
     add_daemon_options,
     bind_settings,
-    fail,
-    flags_for,
-    on_termination,
-    setup_logging,
+    run_daemon,
 )
-from messages.errors import FederationError
-
-log = logging.getLogger("dfl.aggregator")
 
 DESCRIPTION = """\
 Run the aggregator of a federation: it waits for --min-parties parties to join, releases
@@ -111,20 +104,14 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "dfl aggregator") -> int:
     ns = build_parser(prog).parse_args(argv)
-    setup_logging(ns.log_level, ns.log_format)
     from aggregator.service import Aggregator
 
-    try:
-        config = AggregatorConfig.load(flags_for(ns, AggregatorConfig), ns.config)
-        log.info("settings in force:\n%s", config.effective())
-        aggregator = Aggregator(config)
-        on_termination(aggregator.stop)
+    def run(aggregator: Aggregator) -> str:
         status = aggregator.run()
-    except FederationError as exc:
-        fail(prog, exc)
-    print(f"finished at version {status.version}: {status.finished or 'stopped'}; "
-          f"{status.updates} updates applied, accuracy {status.accuracy}")
-    return 0
+        return (f"finished at version {status.version}: {status.finished or 'stopped'}; "
+                f"{status.updates} updates applied, accuracy {status.accuracy}")
+
+    return run_daemon(prog, ns, AggregatorConfig, Aggregator, run)
 
 
 if __name__ == "__main__":

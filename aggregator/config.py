@@ -8,23 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from messages.broker import check_broker_url
-from messages.codec import DEFAULT_MAX_BYTES
-from messages.settings import DaemonSettings
-from messages.topology import check_name
+from messages.settings import FederationSettings
 from messages.types import Settings
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
-Positive = Field(gt=0)
 
-
-class AggregatorConfig(DaemonSettings):
+class AggregatorConfig(FederationSettings):
     """Everything an ``Aggregator`` needs; see ``dfl aggregator --help`` for each option."""
 
-    broker: str = DEFAULT_AMQP_URL
-    federation: str = "mnist"
     strategy: Literal["fedasync", "fedbuff", "fedavg"] = "fedasync"
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     staleness_a: float | None = Field(default=None, gt=0)
@@ -50,32 +42,12 @@ class AggregatorConfig(DaemonSettings):
     tensorboard: str | None = None
     save_model: str | None = None
     initial_model: str | None = None
-    model: str = "worker.models:mnist_cnn"
-    data: str = "worker.data:load_mnist"
-    data_dir: str | None = None
-    seed: int = 0
     # durability
     checkpoint_dir: str | None = None
     checkpoint_every_updates: int = Field(default=16, ge=1)
     checkpoint_every_seconds: float = Field(default=2.0, gt=0)
-    ledger: str | None = None
-    # operations
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    # broker tuning
-    queue_type: Literal["quorum", "classic"] = "quorum"
+    # broker tuning (the shared settings are in FederationSettings)
     prefetch: int = Field(default=16, ge=1)
-    updates_max_length: int | None = Field(default=None, ge=1)
-    max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
-
-    @field_validator("broker")
-    @classmethod
-    def _broker(cls, value: str) -> str:
-        return check_broker_url(value)
-
-    @field_validator("federation")
-    @classmethod
-    def _federation(cls, value: str) -> str:
-        return check_name("--federation", value)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorConfig:

@@ -16,12 +16,37 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from messages.errors import FederationError
 from messages.plugins import build_model, load_dataset
-from messages.types import NDArrays
+from messages.types import NDArrays, Tensors
 
 log = logging.getLogger(__name__)
 
 EvalRecord = dict[str, Any]
+
+
+def load_keras_weights(path: str, model_plugin: str) -> Tensors:
+    """A saved ``.keras`` model's weights, named as the model plug-in names them.
+
+    Keras names a reloaded model's weights differently from a freshly built one (no model
+    prefix), so the names come from the plug-in and the file supplies the values, checked
+    shape by shape. Imports Keras: only when a starting model is given.
+    """
+    import keras
+
+    try:
+        saved = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise FederationError(f"--initial-model {path!r}: cannot load it ({exc})") from None
+    fresh = build_model(model_plugin, 0)
+    names = [w.path for w in fresh.weights]
+    values = [np.asarray(v) for v in saved.get_weights()]
+    shapes = [tuple(w.shape) for w in fresh.weights]
+    if [v.shape for v in values] != shapes:
+        raise FederationError(f"--initial-model {path!r} does not fit --model {model_plugin}")
+    return dict(zip(names, values, strict=True))
 
 
 class Evaluator:

@@ -6,14 +6,17 @@ only when ``--metrics-port`` is given; the same endpoint answers liveness probes
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from messages.metrics import MetricsEndpoint
 
 
-class AggregatorMetrics:
+class AggregatorMetrics(MetricsEndpoint):
     """The aggregator's instruments; ``port`` (0 = any free port) serves them over HTTP."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.registry = r = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         self.applied = Counter("dfl_updates_applied", "Updates folded into the model",
                                registry=r)
         self.rejected = Counter("dfl_updates_rejected", "Messages dead-lettered, by reason",
@@ -38,13 +41,4 @@ class AggregatorMetrics:
                               "version", registry=r)
         self.loss = Gauge("dfl_eval_loss", "Test loss of the last evaluated version",
                           registry=r)
-        self.port: int | None = None
-        self._server = None
-        if port is not None:
-            self._server, _thread = start_http_server(port, registry=r)
-            self.port = int(self._server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        self.serve(port)

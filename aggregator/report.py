@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aggregator.membership import Membership
-    from aggregator.service import Status
+
+
+@dataclass(slots=True)
+class Status:
+    """A snapshot of the aggregator for progress bars, notebooks and tests."""
+
+    version: int = -1
+    released: bool = False
+    updates: int = 0
+    duplicates: int = 0
+    discarded: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    accuracy: float | None = None
+    updates_per_second: float = 0.0
+    active_parties: int = 0
+    checkpoints: int = 0
+    finished: str | None = None
+
+
 
 
 def status_report(federation: str, strategy: str, status: Status, membership: Membership,

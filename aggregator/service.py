@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ import numpy as np
 
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
-from aggregator.evaluation import EvalRecord, Evaluator
+from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
-from aggregator.report import status_report
+from aggregator.report import Status, status_report
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
 from aggregator.validation import check_update
@@ -37,7 +37,7 @@ from messages.codec import decode, encode
 from messages.errors import FederationError, InvalidMessage
 from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Welcome
 from messages.plugins import build_model
-from messages.supervisor import supervise
+from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
 
@@ -46,46 +46,7 @@ SEQ_RANGE = 1 << 32
 """Each join of a party opens a fresh range of ``seq`` numbers this wide."""
 
 
-@dataclass(slots=True)
-class Status:
-    """A snapshot of the aggregator for progress bars, notebooks and tests."""
-
-    version: int = -1
-    released: bool = False
-    updates: int = 0
-    duplicates: int = 0
-    discarded: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    accuracy: float | None = None
-    updates_per_second: float = 0.0
-    active_parties: int = 0
-    checkpoints: int = 0
-    finished: str | None = None
-
-
-def load_keras_weights(path: str, model_plugin: str) -> Tensors:
-    """A saved ``.keras`` model's weights, named as the model plug-in names them.
-
-    Keras names a reloaded model's weights differently from a freshly built one (no model
-    prefix), so the names come from the plug-in and the file supplies the values, checked
-    shape by shape. Imports Keras: only when a starting model is given.
-    """
-    import keras
-
-    try:
-        saved = keras.saving.load_model(path, compile=False)
-    except Exception as exc:
-        raise FederationError(f"--initial-model {path!r}: cannot load it ({exc})") from None
-    fresh = build_model(model_plugin, 0)
-    names = [w.path for w in fresh.weights]
-    values = [np.asarray(v) for v in saved.get_weights()]
-    shapes = [tuple(w.shape) for w in fresh.weights]
-    if [v.shape for v in values] != shapes:
-        raise FederationError(f"--initial-model {path!r} does not fit --model {model_plugin}")
-    return dict(zip(names, values, strict=True))
-
-
-class Aggregator:
+class Aggregator(BackgroundService):
     """The aggregation service. ``run()`` blocks; ``start()`` runs it on a thread.
 
     >>> agg = Aggregator(AggregatorConfig(broker="memory://", target_accuracy=0.98)).start()
@@ -93,7 +54,10 @@ class Aggregator:
     >>> agg.wait(); agg.history[-1]["accuracy"]; model = agg.global_model()
     """
 
+    thread_name = "aggregator"
+
     def __init__(self, config: AggregatorConfig) -> None:
+        super().__init__()
         self.config = config
         self.topology = Topology(config.federation, config.queue_type,
                                  config.updates_max_length)
@@ -114,9 +78,7 @@ class Aggregator:
                                     config.eval_log, config.tensorboard)
                           if config.evaluate else None)
         self.metrics = AggregatorMetrics()
-        self.error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._broker: Broker | None = None
         self._started = 0.0
         self._applied_times: deque[float] = deque(maxlen=200)
@@ -131,23 +93,6 @@ class Aggregator:
                               if self.store else 1)
 
     # -- public API ------------------------------------------------------------------------
-    def start(self) -> Aggregator:
-        """Run the service on a background thread (for notebooks and the one-machine run)."""
-        self._thread = threading.Thread(target=self._run_catching, name="aggregator",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for a started aggregator to finish; True when it has. Re-raises its error."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return False
-        if self.error is not None:
-            raise self.error
-        return True
-
     def stop(self, reason: str = "stopped") -> None:
         """Ask the service to finish (safe from any thread and from signal handlers).
 
@@ -169,13 +114,6 @@ class Aggregator:
     def global_model(self) -> Any:
         """The current global weights in a fresh Keras model built by the model plug-in."""
         return build_model(self.config.model, self.config.seed, [w.copy() for w in self.weights])
-
-    def _run_catching(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:
-            self.error = exc
-            log.error("aggregator stopped: %s", exc)
 
     # -- the service loop ------------------------------------------------------------------
     def run(self) -> Status:

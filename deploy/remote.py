@@ -13,11 +13,11 @@ from typing import Any
 from tabulate import tabulate
 
 from messages.broker import connect
-from messages.cli import DEFAULT_AMQP_URL, Formatter, Parser, fail
+from messages.cli import Formatter, Parser, fail
 from messages.codec import decode, encode
 from messages.errors import FederationError, PublishRejected
 from messages.kinds import Message, Model, Query, Report
-from messages.settings import ENV_PREFIX, mask_url
+from messages.settings import DEFAULT_AMQP_URL, ENV_PREFIX, mask_url
 from messages.topology import Topology
 
 STATUS_DESCRIPTION = """\

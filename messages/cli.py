@@ -14,13 +14,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from messages.settings import ENV_PREFIX
-
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+from messages.errors import FederationError
+from messages.settings import ENV_PREFIX, DaemonSettings
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,6 +100,29 @@ def bind_settings(parser: argparse.ArgumentParser, *models: type[BaseModel],
 def flags_for(ns: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     """The options the user typed that belong to ``model``."""
     return {k: v for k, v in vars(ns).items() if k in model.model_fields}
+
+
+class Daemon(Protocol):
+    def stop(self, reason: str = ...) -> None: ...
+
+
+D = TypeVar("D", bound=Daemon)
+
+
+def run_daemon(prog: str, ns: argparse.Namespace, config_cls: type[DaemonSettings],
+               make: Callable[[Any], D], run: Callable[[D], str]) -> int:
+    """Load settings, log them, run the daemon until done; one-line errors, exit 2."""
+    setup_logging(ns.log_level, ns.log_format)
+    try:
+        config = config_cls.load(flags_for(ns, config_cls), ns.config)
+        logging.getLogger("dfl").info("settings in force:\n%s", config.effective())
+        daemon = make(config)
+        on_termination(daemon.stop)
+        summary = run(daemon)
+    except FederationError as exc:
+        fail(prog, exc)
+    print(summary)
+    return 0
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,9 +22,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from messages.broker import check_broker_url
+from messages.codec import DEFAULT_MAX_BYTES
 from messages.errors import ConfigError
+from messages.topology import check_name
 
 ENV_PREFIX = "DFL_"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("dfl_config",
                                                                           default=None)
 
@@ -91,6 +95,32 @@ class DaemonSettings(BaseSettings):
                 value = mask_url(value)
             lines.append(f"  {name} = {value!r}")
         return "\n".join(lines)
+
+
+class FederationSettings(DaemonSettings):
+    """The settings every process of a federation shares (and must agree on)."""
+
+    broker: str = DEFAULT_AMQP_URL
+    federation: str = "mnist"
+    data_dir: str | None = None
+    model: str = "worker.models:mnist_cnn"
+    data: str = "worker.data:load_mnist"
+    seed: int = 0
+    ledger: str | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    updates_max_length: int | None = Field(default=None, ge=1)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        return check_broker_url(value)
+
+    @field_validator("federation")
+    @classmethod
+    def _federation(cls, value: str) -> str:
+        return check_name("--federation", value)
 
 
 def mask_url(url: str) -> str:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
@@ -87,3 +88,44 @@ def supervise(session: Session, *, stop: threading.Event, name: str, initial: fl
             if stop.is_set():
                 return
             raise
+
+
+class BackgroundService:
+    """``run()`` in the caller's thread for a daemon; ``start()`` on a thread for notebooks.
+
+    A failure on the background thread is kept and re-raised by ``wait()``, so a notebook
+    or the one-machine launcher sees why a service stopped.
+    """
+
+    thread_name = "service"
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> object:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        """Run the service on a background thread; returns at once."""
+        self._thread = threading.Thread(target=self._run_catching, name=self.thread_name,
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a started service to finish; True when it has. Re-raises its error."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def _run_catching(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            self.error = exc
+            log.error("%s stopped: %s", self.thread_name, exc)

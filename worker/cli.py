@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from messages.cli import (
@@ -12,17 +11,11 @@ from messages.cli import (
     add_common_options,
     add_daemon_options,
     bind_settings,
-    fail,
-    flags_for,
-    on_termination,
-    setup_logging,
+    run_daemon,
 )
-from messages.errors import FederationError
 from worker.config import WorkerConfig
 from worker.partition import SCHEMES
 from worker.service import Worker
-
-log = logging.getLogger("dfl.worker")
 
 DESCRIPTION = """\
 Run one party of a federation: it loads its own shard of the training data (party
@@ -72,18 +65,13 @@ def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "dfl worker") -> int:
     ns = build_parser(prog).parse_args(argv)
-    setup_logging(ns.log_level, ns.log_format)
-    try:
-        config = WorkerConfig.load(flags_for(ns, WorkerConfig), ns.config)
-        log.info("settings in force:\n%s", config.effective())
-        worker = Worker(config)
-        on_termination(worker.stop)
+
+    def run(worker: Worker) -> str:
         stats = worker.run()
-    except FederationError as exc:
-        fail(prog, exc)
-    print(f"party {worker.config.party} finished: {stats.updates_sent} updates sent "
-          f"({stats.stopped_by or 'stopped'})")
-    return 0
+        return (f"party {worker.config.party} finished: {stats.updates_sent} updates sent "
+                f"({stats.stopped_by or 'stopped'})")
+
+    return run_daemon(prog, ns, WorkerConfig, Worker, run)
 
 
 if __name__ == "__main__":

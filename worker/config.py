@@ -8,12 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from messages.broker import check_broker_url
-from messages.codec import DEFAULT_MAX_BYTES
-from messages.settings import DaemonSettings
-from messages.topology import check_name
-
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+from messages.settings import FederationSettings
 
 
 def ordinal_from_hostname(hostname: str | None = None) -> int:
@@ -25,7 +20,7 @@ def ordinal_from_hostname(hostname: str | None = None) -> int:
     return int(match.group(1))
 
 
-class WorkerConfig(DaemonSettings):
+class WorkerConfig(FederationSettings):
     """Everything a ``Worker`` needs; see ``dfl worker --help`` for each option.
 
     ``party_id`` is a number, ``"hostname"`` (taken from the host name's trailing number at
@@ -35,23 +30,12 @@ class WorkerConfig(DaemonSettings):
 
     party_id: int | Literal["auto"] = 0
     num_parties: int = Field(default=2, ge=1)
-    broker: str = DEFAULT_AMQP_URL
-    federation: str = "mnist"
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(default=0.5, gt=0)
     shards_per_party: int = Field(default=2, ge=1)
-    data_dir: str | None = None
-    model: str = "worker.models:mnist_cnn"
-    data: str = "worker.data:load_mnist"
-    seed: int = 0
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     join_timeout: float = Field(default=10.0, gt=0)
     slowdown: float = Field(default=1.0, ge=1)
-    ledger: str | None = None
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    queue_type: Literal["quorum", "classic"] = "quorum"
-    updates_max_length: int | None = Field(default=None, ge=1)
-    max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
 
     @field_validator("party_id", mode="before")
     @classmethod
@@ -61,16 +45,6 @@ class WorkerConfig(DaemonSettings):
         if isinstance(value, str) and value.isdigit():
             return int(value)
         return value
-
-    @field_validator("broker")
-    @classmethod
-    def _broker(cls, value: str) -> str:
-        return check_broker_url(value)
-
-    @field_validator("federation")
-    @classmethod
-    def _federation(cls, value: str) -> str:
-        return check_name("--federation", value)
 
     @model_validator(mode="after")
     def _in_range(self) -> WorkerConfig:

@@ -6,14 +6,16 @@ when ``--metrics-port`` is given.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from messages.metrics import MetricsEndpoint
 
 
-class WorkerMetrics:
+class WorkerMetrics(MetricsEndpoint):
     """The worker's instruments; ``port`` (0 = any free port) serves them over HTTP."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.train_seconds = Histogram("dfl_worker_train_seconds",
                                        "Wall time of one round of local training",
@@ -27,13 +29,4 @@ class WorkerMetrics:
                                    "Newest global model version this party has", registry=r)
         self.updates_sent = Counter("dfl_worker_updates_sent",
                                     "Updates the broker confirmed", registry=r)
-        self.port: int | None = None
-        self._server = None
-        if port is not None:
-            self._server, _thread = start_http_server(port, registry=r)
-            self.port = int(self._server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        self.serve(port)

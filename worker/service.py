@@ -36,7 +36,7 @@ from messages.errors import (
 )
 from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Update, Welcome
 from messages.plugins import load_dataset
-from messages.supervisor import supervise
+from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Settings
 from worker.config import WorkerConfig
@@ -63,19 +63,19 @@ class WorkerStats:
     stopped_by: str = ""
 
 
-class Worker:
+class Worker(BackgroundService):
     """One party. ``run()`` blocks until stopped; ``start()`` runs it on a thread."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        super().__init__()
+        self.thread_name = f"party-{config.party}"
         self.config = config
         self.topology = Topology(config.federation, config.queue_type,
                                  config.updates_max_length)
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics()
-        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._latest: Model | None = None
-        self._thread: threading.Thread | None = None
         self._trainer: LocalTrainer | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._training: tuple[int, Future[TrainResult]] | None = None  # base version, job
@@ -85,12 +85,6 @@ class Worker:
         self._settings: Settings = {}
 
     # -- public API ------------------------------------------------------------------------
-    def start(self) -> Worker:
-        self._thread = threading.Thread(target=self._run_catching,
-                                        name=f"worker-{self.config.party}", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self, reason: str = "stopped") -> None:
         """Stop after the current minibatch, send leave, close (safe from any thread)."""
         if not self.stats.stopped_by:
@@ -98,22 +92,6 @@ class Worker:
         self._stop.set()
         if self._trainer is not None:
             self._trainer.interrupted.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return False
-        if self.error is not None:
-            raise self.error
-        return True
-
-    def _run_catching(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:
-            self.error = exc
-            log.error("party %s stopped: %s", self.config.party, exc)
 
     # -- the daemon loop -------------------------------------------------------------------
     def run(self) -> WorkerStats:
