@@ -10,12 +10,13 @@ truncated or corrupted file is detected and the previous checkpoint is used inst
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ class AggregatorState:
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         a = np.asarray(obj, order="C")
-        data = msgpack.packb([a.dtype.str, list(a.shape), a.tobytes()], use_bin_type=True)
+        raw = a.reshape(-1).view(np.uint8).data  # packed without a tobytes() copy
+        data = msgpack.packb([a.dtype.str, list(a.shape), raw], use_bin_type=True)
         return msgpack.ExtType(_ARRAY_EXT, data)
     if isinstance(obj, np.generic):
         return obj.item()
@@ -74,7 +76,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def dumps(state: AggregatorState) -> bytes:
     """The checkpoint file's bytes for ``state``."""
-    payload: bytes = msgpack.packb(asdict(state), default=_default, use_bin_type=True)
+    # a shallow map: dataclasses.asdict would deep-copy every weight array first
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    payload: bytes = msgpack.packb(fields, default=_default, use_bin_type=True)
     return MAGIC + hashlib.sha256(payload).digest() + payload
 
 
