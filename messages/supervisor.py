@@ -4,7 +4,9 @@ A session is a function that connects, declares its topology, works, and returns
 daemon is done. When it raises ``ConnectionLost`` (broker restart, network cut, connections
 closed by an operator) it is run again after a backoff that doubles up to a cap, and resets
 once a session has stayed healthy for a while, so a broker that flaps every few hours is
-not met with a 30 s wait. ``AccessRefused`` and everything else propagate: a wrong password
+not met with a long wait. The cap is low (5 s by default) because an attempt costs one
+TCP connect, while a high cap delays recovery by up to a whole step after the broker is
+back. ``AccessRefused`` and everything else propagate: a wrong password
 or a queue declared with other arguments is not fixed by retrying.
 """
 
@@ -37,7 +39,7 @@ def _interruptible(stop: threading.Event) -> Callable[[float], None]:
 
 
 def supervise(session: Session, *, stop: threading.Event, name: str, initial: float = 0.5,
-              cap: float = 30.0, healthy_after: float = 30.0) -> None:
+              cap: float = 5.0, healthy_after: float = 30.0) -> None:
     """Run ``session`` until it returns or ``stop`` is set, reconnecting as described above.
 
     Logs each loss, each wait and, on recovery, how long the daemon was disconnected.
