@@ -137,13 +137,18 @@ class CheckpointStore:
         return final
 
     def load_latest(self) -> AggregatorState | None:
-        """The newest checkpoint that verifies; damaged ones are logged and skipped."""
+        """The newest checkpoint that verifies; damaged ones are logged and skipped.
+
+        Falling back loses what the damaged checkpoint held (its deliveries were acked), so
+        it is logged as an error. An ``OSError`` (permissions, I/O) is not damage: it is
+        raised rather than silently starting from an older state.
+        """
         for path in self.files():
             try:
                 state = loads(path.read_bytes())
-            except (CheckpointError, OSError) as exc:
-                log.warning("checkpoint %s is damaged (%s); trying the previous one", path.name,
-                            exc)
+            except CheckpointError as exc:
+                log.error("checkpoint %s is damaged (%s); using the previous one: updates "
+                          "acked under it are lost", path.name, exc)
                 continue
             log.info("resuming from %s: version %d", path.name, state.version)
             return state

@@ -52,6 +52,9 @@ def add_strategy_options(parser: argparse.ArgumentParser) -> None:
                    help="server learning rate of FedBuff and FedAvg")
     g.add_argument("--max-staleness", type=int,
                    help="dead-letter updates staler than this many versions")
+    g.add_argument("--max-delta-abs", type=float,
+                   help="dead-letter updates with any |value| above this (finite but huge "
+                        "deltas would overflow the model)")
     t = parser.add_argument_group("training settings sent to every party")
     t.add_argument("--local-steps", type=int,
                    help="minibatches a party trains per update")

@@ -25,6 +25,7 @@ class AggregatorConfig(FederationSettings):
     buffer_k: int = Field(default=2, ge=1)
     eta: float = Field(default=1.0, gt=0)
     max_staleness: int = Field(default=50, ge=0)
+    max_delta_abs: float = Field(default=1e4, gt=0)
     min_parties: int = Field(default=2, ge=1)
     lease_seconds: float = Field(default=60.0, gt=0)
     # what parties are told to do (the welcome's settings)

@@ -67,10 +67,12 @@ class Evaluator:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="evaluator", daemon=True)
 
-    def start(self) -> None:
+    def start(self, *, resumed: bool = False) -> None:
+        """Start the thread; a fresh run empties the log, a resumed one appends to it."""
         if self._log_path is not None:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_path.write_text("")
+            if not resumed:
+                self._log_path.write_text("")
         self._thread.start()
 
     def submit(self, version: int, weights: NDArrays, updates: int, elapsed: float) -> None:

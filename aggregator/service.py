@@ -85,6 +85,9 @@ class Aggregator(BackgroundService):
         self._last_eval_version = -1
         self._last_eval_at = 0.0
         self._depth_at = 0.0
+        self._dirty = False  # state changed by something other than a delivery
+        self._stop_sent = False
+        self._rejoin_asked_at = 0.0
         # deliveries handled but not yet acked: acked together at the next commit
         self._unacked: Delivery | None = None
         self._uncommitted = 0
@@ -119,7 +122,8 @@ class Aggregator(BackgroundService):
     def run(self) -> Status:
         """Serve until the target, a limit, or ``stop()``; returns the final status."""
         self._started = time.monotonic()
-        if self.store is not None and (state := self.store.load_latest()) is not None:
+        state = self.store.load_latest() if self.store is not None else None
+        if state is not None:
             self._restore(state)
         elif self.config.initial_model:
             self._adopt_initial(load_keras_weights(self.config.initial_model, self.config.model))
@@ -127,9 +131,12 @@ class Aggregator(BackgroundService):
             self.metrics = AggregatorMetrics(self.config.metrics_port)
             log.info("metrics on http://0.0.0.0:%d/metrics", self.metrics.port)
         if self.evaluator is not None:
-            self.evaluator.start()
+            self.evaluator.start(resumed=state is not None)
         try:
             supervise(self._session, stop=self._stop, name="aggregator")
+            if self.status.finished is not None and not self._stop_sent:
+                self._stop_after_disconnect()
+            self._final_outputs()
         finally:
             if self.evaluator is not None:
                 self.evaluator.close()
@@ -149,13 +156,14 @@ class Aggregator(BackgroundService):
             log.info("aggregator up: federation %s, %s/%s, version %d, waiting for %d parties",
                      cfg.federation, cfg.strategy, cfg.staleness, self.status.version,
                      cfg.min_parties)
-            if self.status.released:
-                self._broadcast()  # parties re-joining after a restart find the current model
+            # Parties that knew an earlier aggregator (a restart, a rollback to an older
+            # checkpoint, no checkpoint at all) join again and take the model from the welcome.
+            self._announce_rejoin()
             while not self._stop.is_set():
                 broker.process_events(0.2)
                 self._tick()
-            self._commit()
-            self._finish(broker)
+            self._commit(force=True)
+            self._broadcast_stop(broker)
         finally:
             self._broker = None
             broker.close()
@@ -171,9 +179,9 @@ class Aggregator(BackgroundService):
         if self._broker is not None and time.monotonic() - self._depth_at > 5:
             self._depth_at = time.monotonic()
             self.metrics.queue_depth.set(self._broker.queue_depth(self.topology.updates))
-        if (self._uncommitted and time.monotonic() - self._uncommitted_since
+        if ((self._uncommitted or self._dirty) and time.monotonic() - self._uncommitted_since
                 >= cfg.checkpoint_every_seconds):
-            self._commit()
+            self._commit(force=True)
         self._drain_evaluations()
         if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
             self._finish_with(f"time limit {cfg.max_seconds:g} s")
@@ -188,15 +196,27 @@ class Aggregator(BackgroundService):
             log.info("finishing: %s", reason)
         self._stop.set()
 
-    def _finish(self, broker: Broker) -> None:
-        """Broadcast stop (when the federation is over), evaluate and save the final model."""
-        for p in self.membership.parties.values():
-            log.info("party %s: %d updates applied, mean staleness %.2f, %s", p.party,
-                     p.updates, p.mean_staleness, "active" if p.active else "gone")
+    def _broadcast_stop(self, broker: Broker) -> None:
+        """When the federation is over, tell the parties so they exit too."""
         if self.status.finished is not None:
             broker.publish(self.topology.models, "",
                            encode(Stop(self.status.version, self.status.finished)),
                            persistent=False)
+            self._stop_sent = True
+
+    def _stop_after_disconnect(self) -> None:
+        """The connection dropped while finishing: one bounded try to still send the stop."""
+        try:
+            with connect(self.config.broker) as broker:
+                self._broadcast_stop(broker)
+        except FederationError as exc:
+            log.error("could not broadcast the stop (%s): parties keep waiting", exc)
+
+    def _final_outputs(self) -> None:
+        """Per-party summary, the final evaluation and the saved model (off the broker)."""
+        for p in self.membership.parties.values():
+            log.info("party %s: %d updates applied, mean staleness %.2f, %s", p.party,
+                     p.updates, p.mean_staleness, p.state)
         if not self.weights:
             return
         ev = self.evaluator
@@ -220,14 +240,20 @@ class Aggregator(BackgroundService):
         if self._uncommitted >= self._commit_every:
             self._commit()
 
-    def _commit(self) -> None:
-        """Checkpoint (when configured), then ack everything the checkpoint covers."""
-        if self._unacked is None or self._broker is None:
+    def _commit(self, force: bool = False) -> None:
+        """Checkpoint (when configured), then ack everything the checkpoint covers.
+
+        ``force`` also checkpoints changes no delivery caused (a version completed by a lease
+        expiry), so a restart never rolls back past what parties were already sent.
+        """
+        if self._unacked is None and not (force and self._dirty):
             return
         if self.store is not None:
             self.store.save(self._snapshot())
             self.status.checkpoints += 1
-        self._broker.ack(self._unacked, multiple=True)
+        self._dirty = False
+        if self._unacked is not None and self._broker is not None:
+            self._broker.ack(self._unacked, multiple=True)
         self._unacked, self._uncommitted = None, 0
 
     def _snapshot(self) -> AggregatorState:
@@ -298,9 +324,15 @@ class Aggregator(BackgroundService):
         try:
             msg = decode(d.body, self.config.max_message_bytes)
             if isinstance(msg, Join):
-                self._broker.reply(d, encode(self._welcome(msg)))
-            elif isinstance(msg, Heartbeat):
-                self.membership.seen(msg.party)
+                # The join is on disk before the party hears of it, so an update it sends
+                # next can never reach a restarted aggregator that does not know it.
+                welcome = encode(self._welcome(msg))
+                self._handled(d)
+                self._commit(force=True)
+                self._broker.reply(d, welcome)
+                return
+            if isinstance(msg, Heartbeat):
+                self._heard_from(msg.party)
             elif isinstance(msg, Query):
                 self._broker.reply(d, encode(self._answer(msg)))
             elif isinstance(msg, Leave):
@@ -313,6 +345,24 @@ class Aggregator(BackgroundService):
             self._reject(d, exc)
             return
         self._handled(d)
+
+    def _heard_from(self, party: str) -> None:
+        """A heartbeat: renew the lease; an unknown party is asked to join again."""
+        if party not in self.membership.parties:
+            self._announce_rejoin()
+            return
+        was_active = self.membership.parties[party].active
+        self.membership.seen(party)
+        if not was_active:  # back from an expired lease: sync rounds count it again
+            self._parties_changed()
+
+    def _announce_rejoin(self) -> None:
+        """Ask every party to join again (at most every few seconds)."""
+        if self._broker is None or time.monotonic() - self._rejoin_asked_at < 5:
+            return
+        self._rejoin_asked_at = time.monotonic()
+        self._broker.publish(self.topology.models, "", encode(Query("rejoin")),
+                             persistent=False)
 
     def _answer(self, query: Query) -> Report | Model:
         if query.what == "status":
@@ -338,7 +388,10 @@ class Aggregator(BackgroundService):
             return refuse("model mismatch: the party's model has other tensor names, dtypes "
                           "or shapes than the federation's (check --model)")
         self.membership.join(join.party, join.num_samples, join.software)
-        incarnation = self.incarnation[join.party] = self.incarnation.get(join.party, 0) + 1
+        # a fresh seq range above both the previous range and any seq already applied
+        incarnation = self.incarnation[join.party] = max(
+            self.incarnation.get(join.party, 0) + 1,
+            self.last_seq.get(join.party, -1) // SEQ_RANGE + 1)
         log.info("party %s joined at version %d (%d samples); %d active", join.party,
                  self.status.version, join.num_samples, len(self.membership.active))
         if self.status.released:
@@ -380,8 +433,10 @@ class Aggregator(BackgroundService):
             update = check_update(decode(d.body, cfg.max_message_bytes),
                                   parties=self.membership.parties, spec=self.spec,
                                   version=self.status.version, max_staleness=cfg.max_staleness,
-                                  last_seq=self.last_seq)
+                                  last_seq=self.last_seq, max_abs=cfg.max_delta_abs)
         except InvalidMessage as exc:
+            if exc.reason == "unknown-party":
+                self._announce_rejoin()
             self._reject(d, exc)
             return
         if update is None:  # a replayed or redelivered (party, seq): already in the state
@@ -422,6 +477,9 @@ class Aggregator(BackgroundService):
         self.topology.dead_letter(self._broker, d, exc)
 
     def _new_version(self) -> None:
+        if not self._dirty and not self._uncommitted:
+            self._uncommitted_since = time.monotonic()
+        self._dirty = True
         self.status.version += 1
         self.metrics.version.set(self.status.version)
         window = list(self._applied_times)

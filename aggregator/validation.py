@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping
 
+import numpy as np
+
 from messages.errors import InvalidMessage
 from messages.kinds import Message, Update
 from messages.types import TensorSpec
 
 
 def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, version: int,
-                 max_staleness: int, last_seq: Mapping[str, int]) -> Update | None:
+                 max_staleness: int, last_seq: Mapping[str, int],
+                 max_abs: float = float("inf")) -> Update | None:
     """The update if it may be applied, ``None`` for a duplicate; raises ``InvalidMessage``."""
     if not isinstance(msg, Update):
         raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on the updates queue")
@@ -31,6 +34,9 @@ def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, ver
             raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name}, model has {dtype}")
         if array.shape != shape:
             raise InvalidMessage("shape-mismatch", f"{name}: {array.shape}, model has {shape}")
+        if array.size and float(np.abs(array).max()) > max_abs:
+            # finite but huge values would overflow the weights to inf in a few applies
+            raise InvalidMessage("out-of-range", f"{name}: |value| > {max_abs:g}")
     if msg.base_version > version:
         raise InvalidMessage("future-version", f"base version {msg.base_version} > current "
                                                f"{version}")

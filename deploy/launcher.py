@@ -6,6 +6,7 @@ over RabbitMQ; with ``memory://`` the broker is in-process too, so nothing needs
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -14,6 +15,8 @@ from tqdm import tqdm
 from aggregator import Aggregator, AggregatorConfig
 from messages.errors import FederationError
 from worker import Worker, WorkerConfig
+
+log = logging.getLogger("dfl.run")
 
 
 def run_federation(aggregator_config: AggregatorConfig, worker_configs: Sequence[WorkerConfig],
@@ -51,5 +54,8 @@ def run_federation(aggregator_config: AggregatorConfig, worker_configs: Sequence
             w.stop()
         deadline = time.monotonic() + 60
         for w in workers:
-            w.wait(max(deadline - time.monotonic(), 0.1))
+            try:
+                w.wait(max(deadline - time.monotonic(), 0.1))
+            except Exception as exc:  # already reported above or logged by the party
+                log.warning("party %s ended with an error: %s", w.config.party, exc)
     return aggregator

@@ -79,6 +79,15 @@ def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
     cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise InvalidMessage("unknown-kind", f"kind {kind!r}")
+    try:
+        return _build(cls, raw)
+    except InvalidMessage:
+        raise
+    except Exception as exc:  # a gap in the checks above must not take a daemon down
+        raise InvalidMessage("bad-value", f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _build(cls: type[Message], raw: dict[str, Any]) -> Message:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
@@ -162,7 +171,10 @@ def _tensors(name: str, x: Any) -> Tensors:
         if count * dtype.itemsize != len(data):
             raise InvalidMessage("bad-shape", f"tensor {tname!r}: {len(data)} bytes do not "
                                               f"fill shape {shape} of {dtype_name}")
-        array: NDArray = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+        try:
+            array: NDArray = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+        except (ValueError, TypeError) as exc:  # e.g. an empty array with absurd dimensions
+            raise InvalidMessage("bad-shape", f"tensor {tname!r}: {exc}") from None
         if dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidMessage("non-finite", f"tensor {tname!r} holds NaN or Inf")
         out[tname] = array

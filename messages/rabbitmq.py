@@ -81,6 +81,10 @@ class RabbitBroker(Broker):
         if ssl_context is not None:
             params.ssl_options = pika.SSLOptions(ssl_context, urlparse(url).hostname)
         params.connection_attempts = 1
+        # A resource alarm blocks publishers; without a timeout a blocked broadcast would
+        # wait forever, and the aggregator could not consume the backlog that caused it.
+        if params.blocked_connection_timeout is None:
+            params.blocked_connection_timeout = 120
         with _translated(f"connecting to {_redact(url)}"):
             self._conn = pika.BlockingConnection(params)
             self._ch = self._conn.channel()

@@ -18,7 +18,7 @@ import pytest
 from aggregator import Aggregator, AggregatorConfig
 from messages.broker import Broker, Delivery, connect
 from messages.codec import SCHEMA_VERSION, decode, encode
-from messages.kinds import Join, Leave, Model, Update, Welcome
+from messages.kinds import Join, Leave, Message, Model, Stop, Update, Welcome
 from messages.topology import REASON_HEADER, Topology
 
 SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,)}
@@ -40,6 +40,7 @@ class Client:
         self.t = topology
         topology.declare(self.b)
         self.models: list[Model] = []
+        self.broadcasts: list[Message] = []
         self.dead: list[Delivery] = []
         self.b.consume(topology.dead, self._on_dead)
 
@@ -49,7 +50,13 @@ class Client:
 
     def listen(self, party: str) -> None:
         q = self.t.declare_model_queue(self.b, party)
-        self.b.consume(q, lambda d: self.models.append(decode(d.body)), auto_ack=True)  # type: ignore[arg-type]
+        self.b.consume(q, self._on_broadcast, auto_ack=True)
+
+    def _on_broadcast(self, d: Delivery) -> None:
+        msg = decode(d.body)
+        self.broadcasts.append(msg)
+        if isinstance(msg, Model):
+            self.models.append(msg)
 
     def join(self, party: str, tensors: dict[str, np.ndarray] | None = None) -> Welcome:
         reply = decode(self.b.call(self.t.control, encode(
@@ -207,6 +214,8 @@ BAD = [
     (body(tensors=[[n, "float32", list(s), np.zeros(s, np.float32).tobytes()]
                    for n, s in reversed(SHAPES.items())]), "tensor-names"),
     (body(padding=b"\0" * 70_000), "too-large"),
+    (body(tensors=[[n, "float32", list(s), np.full(s, 3e38, np.float32).tobytes()]
+                   for n, s in SHAPES.items()]), "out-of-range"),
     (body(base_version=7), "future-version"),
     (encode(Join("a", 1, initial())), "wrong-queue"),
 ]
@@ -279,4 +288,4 @@ def test_the_aggregator_stops_at_its_version_limit_and_broadcasts_stop(env: Env)
     client.update("a", 1, 1)
     assert agg.wait(10)
     assert agg.status.finished == "version limit 2"
-    client.pump(lambda: any(getattr(m, "KIND", "") == "stop" for m in client.models))
+    client.pump(lambda: any(isinstance(m, Stop) for m in client.broadcasts))

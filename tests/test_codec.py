@@ -113,6 +113,7 @@ INF = np.array([np.inf, 1], np.float32).tobytes()
     (update_body(tensors=[["w", "complex64", [2], b"\0" * 16]]), "bad-dtype"),
     (update_body(tensors=[["w", "float32", [3], b"\0" * 8]]), "bad-shape"),
     (update_body(tensors=[["w", "float32", [-2], b""]]), "bad-shape"),
+    (update_body(tensors=[["w", "float32", [0] + [2**31 - 1] * 4, b""]]), "bad-shape"),
     (update_body(tensors=[["w", "float32", [2], NAN]]), "non-finite"),
     (update_body(tensors=[["w", "float32", [2], INF]]), "non-finite"),
     (update_body(tensors=[["w", "float32", [2]]]), "bad-tensor"),

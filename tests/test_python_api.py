@@ -67,3 +67,22 @@ def test_evaluations_are_also_written_as_tensorboard_scalars(tmp_path: Path) -> 
     assert agg.wait(120) and party.wait(60)
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_parties_join_a_restarted_aggregator_that_lost_its_state() -> None:
+    broker = f"memory://{uuid.uuid4().hex[:8]}"
+    first = Aggregator(AggregatorConfig(broker=broker, min_parties=2, evaluate=False,
+                                        local_steps=5, **TINY)).start()
+    parties = [Worker(WorkerConfig(party_id=i, num_parties=2, broker=broker,
+                                   heartbeat_seconds=0.5, **TINY)).start() for i in range(2)]
+    deadline = time.monotonic() + 120
+    while first.version < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.stop()  # no checkpoint: the next aggregator knows nobody and has no model
+    assert first.wait(30) and first.version >= 3
+    second = Aggregator(AggregatorConfig(broker=broker, min_parties=2, evaluate=False,
+                                         local_steps=5, max_versions=4, **TINY)).start()
+    assert second.wait(120)  # the parties joined again, version 0 was released, training ran
+    assert second.version == 4 and set(second.membership.parties) == {"0", "1"}
+    for p in parties:
+        assert p.wait(60) and p.stats.stopped_by.startswith("aggregator")

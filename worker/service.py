@@ -28,13 +28,14 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential
 from messages.broker import Broker, Delivery, connect
 from messages.codec import SCHEMA_VERSION, decode, encode
 from messages.errors import (
+    ConnectionLost,
     FederationError,
     InvalidMessage,
     PublishRejected,
     ResourceLocked,
     RpcTimeout,
 )
-from messages.kinds import Heartbeat, Join, Leave, Model, Stop, Update, Welcome
+from messages.kinds import Heartbeat, Join, Leave, Model, Query, Stop, Update, Welcome
 from messages.plugins import load_dataset
 from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
@@ -82,6 +83,9 @@ class Worker(BackgroundService):
         self._pending: tuple[int, bytes] | None = None  # seq, encoded update to confirm
         self._next_seq = 0
         self._last_base = -1
+        self._claimed = False
+        self._rejoin = False
+        self._next_beat = 0.0
         self._settings: Settings = {}
 
     # -- public API ------------------------------------------------------------------------
@@ -101,9 +105,16 @@ class Worker(BackgroundService):
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="train") as pool:
                 self._pool = pool
-                supervise(self._session, stop=self._stop, name=f"party {cfg.party}")
+                try:
+                    supervise(self._session, stop=self._stop, name=f"party {cfg.party}")
+                finally:  # do not sit out a training round on the way out
+                    if self._trainer is not None:
+                        self._trainer.interrupted.set()
         finally:
             self.metrics.close()
+        if self._pending is not None:
+            log.warning("party %s: update %d was not confirmed before stopping; it is dropped",
+                        self.config.party, self._pending[0])
         log.info("party %s done: %d updates sent (%s)", self.config.party,
                  self.stats.updates_sent, self.stats.stopped_by)
         return self.stats
@@ -155,7 +166,11 @@ class Worker(BackgroundService):
             try:
                 queue = self.topology.declare_model_queue(broker, str(party_id))
             except ResourceLocked:
+                if self._claimed:  # our previous connection, not yet reaped by the broker
+                    raise ConnectionLost(f"party {party_id}'s queue is still held by the "
+                                         "previous connection") from None
                 continue
+            self._claimed = True
             if cfg.party_id == "auto":
                 log.info("claimed party id %d of %d", party_id, cfg.num_parties)
                 self.config = cfg.model_copy(update={"party_id": party_id})
@@ -194,8 +209,10 @@ class Worker(BackgroundService):
                                       f"{reply.reason}")
             self._next_seq = reply.next_seq
             self._settings = dict(reply.settings)
-            if reply.tensors and (self._latest is None or self._latest.version < reply.version):
-                self._latest = Model(reply.version, reply.tensors)
+            # The welcome is the truth, even when older than a model seen before: a restarted
+            # aggregator may have resumed from an earlier checkpoint.
+            self._latest = Model(reply.version, reply.tensors) if reply.tensors else None
+            self._last_base = -1
             if reply.tensors:
                 log.info("party %s joined at model version %d", cfg.party, reply.version)
             else:
@@ -205,9 +222,16 @@ class Worker(BackgroundService):
 
     def _loop(self, broker: Broker) -> None:
         assert self._trainer is not None and self._pool is not None
-        trainer, s = self._trainer, self._settings
-        next_beat = time.monotonic()
+        trainer = self._trainer
+        self._next_beat = time.monotonic()
         while not self._stop.is_set():
+            s = self._settings
+            if self._rejoin and self._training is None:
+                self._rejoin = False
+                log.info("party %s: the aggregator asks parties to join again", self.config.party)
+                if self._join(broker) is None:
+                    return
+                continue
             if self._pending is not None:
                 self._publish_pending(broker)
                 continue
@@ -215,7 +239,7 @@ class Worker(BackgroundService):
                 base_version, job = self._training
                 while not job.done():
                     broker.process_events(0.1)
-                    next_beat = self._heartbeat(broker, next_beat)
+                    self._heartbeat(broker)
                 self._training = None
                 result = job.result()
                 if result is None:  # interrupted by stop
@@ -231,7 +255,7 @@ class Worker(BackgroundService):
             model = self._latest
             if model is None or (s["sync"] and model.version <= self._last_base):
                 broker.process_events(0.2)
-                next_beat = self._heartbeat(broker, next_beat)
+                self._heartbeat(broker)
                 continue
             base: NDArrays = [model.tensors[name] for name in trainer.names]
             self._training = (model.version, self._pool.submit(
@@ -244,10 +268,11 @@ class Worker(BackgroundService):
         assert self._pending is not None
         seq, body = self._pending
 
-        def service(seconds: float) -> None:
+        def service(seconds: float) -> None:  # keep the connection and the lease alive
             deadline = time.monotonic() + seconds
             while not self._stop.is_set() and time.monotonic() < deadline:
                 broker.process_events(min(0.2, max(deadline - time.monotonic(), 0)))
+                self._heartbeat(broker)
 
         def rejected(state: object) -> None:
             self.stats.rejected_publishes += 1
@@ -255,11 +280,17 @@ class Worker(BackgroundService):
                         self.config.party, seq)
 
         began = time.perf_counter()
-        for attempt in Retrying(retry=retry_if_exception_type(PublishRejected),
-                                wait=wait_exponential(multiplier=0.2, max=10), sleep=service,
-                                before_sleep=rejected, reraise=True):
-            with attempt:
-                broker.publish("", self.topology.updates, body, mandatory=True)
+        try:
+            for attempt in Retrying(retry=retry_if_exception_type(PublishRejected),
+                                    wait=wait_exponential(multiplier=0.2, max=10),
+                                    stop=lambda _s: self._stop.is_set(),
+                                    sleep=service, before_sleep=rejected, reraise=True):
+                with attempt:
+                    broker.publish("", self.topology.updates, body, mandatory=True)
+        except PublishRejected:
+            if self._stop.is_set():
+                return  # stopping while the queue is full: the update stays pending
+            raise
         self._pending = None
         self.metrics.publish_seconds.observe(time.perf_counter() - began)
         self.metrics.updates_sent.inc()
@@ -270,14 +301,15 @@ class Worker(BackgroundService):
                 f.write(json.dumps({"party": self.config.party, "seq": seq}) + "\n")
         log.info("party %s sent update %d", self.config.party, seq)
 
-    def _heartbeat(self, broker: Broker, due: float) -> float:
+    def _heartbeat(self, broker: Broker) -> None:
+        """Renew the lease when it is due (called from every waiting loop)."""
         now = time.monotonic()
-        if now < due:
-            return due
+        if now < self._next_beat:
+            return
         version = self._latest.version if self._latest else -1
         broker.publish("", self.topology.control, encode(Heartbeat(self.config.party, version)),
                        persistent=False)
-        return now + self.config.heartbeat_seconds
+        self._next_beat = now + self.config.heartbeat_seconds
 
     def _on_model(self, d: Delivery) -> None:
         try:
@@ -285,7 +317,9 @@ class Worker(BackgroundService):
         except InvalidMessage as exc:
             log.warning("party %s: ignored a bad model message: %s", self.config.party, exc)
             return
-        if isinstance(msg, Stop):
+        if isinstance(msg, Query) and msg.what == "rejoin":
+            self._rejoin = True
+        elif isinstance(msg, Stop):
             log.info("party %s: federation finished (%s)", self.config.party, msg.reason)
             self.stop(f"aggregator: {msg.reason}")
         elif isinstance(msg, Model) and (self._latest is None
