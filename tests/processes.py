@@ -6,7 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -36,6 +40,19 @@ class Procs:
     def log(self, name: str) -> str:
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_until(self, what: str, done: Callable[[], bool], timeout: float) -> float:
+        """Poll ``done()``; fail with every process's log tail after ``timeout`` seconds.
+
+        Returns the monotonic time at which it became true.
+        """
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {n}\n{self.log(n)[-2500:]}" for n in self.procs)
+                pytest.fail(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.2)
+        return time.monotonic()
 
     def stop_all(self) -> None:
         for p in self.procs.values():

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,44 +31,34 @@ from messages.codec import decode
 from messages.errors import InvalidMessage
 from messages.kinds import Update
 from messages.topology import Topology
-from tests.processes import ENV, dfl
+from tests.processes import Procs
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 TINY = ["--model", "worker.models:tiny_cnn", "--data", "worker.data:load_synthetic"]
 
 
-class Federation:
+class Federation(Procs):
     """An aggregator and workers as ``dfl`` processes, with ledgers and logs in ``tmp``."""
 
     def __init__(self, url: str, federation: str, tmp: Path, versions: int) -> None:
-        self.url, self.federation, self.tmp, self.versions = url, federation, tmp, versions
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(tmp)
+        self.url, self.federation, self.versions = url, federation, versions
         self.restarts: Counter[str] = Counter()
         self.common = ["--broker", url, "--federation", federation, "--seed", "3", *TINY]
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.tmp / f"{name}.log").open("a")
-        p = subprocess.Popen([dfl(), *args], stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        self.procs[name] = p
-        return p
-
-    def aggregator(self) -> subprocess.Popen[bytes]:
-        return self._spawn("aggregator", [
-            "aggregator", *self.common, "--no-eval", "--min-parties", "2",
+    def aggregator(self) -> subprocess.Popen[str]:
+        return self.start(
+            "aggregator", "aggregator", *self.common, "--no-eval", "--min-parties", "2",
             "--max-versions", str(self.versions), "--local-steps", "10", "--batch-size", "16",
             "--checkpoint-dir", str(self.tmp / "checkpoints"), "--checkpoint-every-updates",
             "4", "--checkpoint-every-seconds", "0.5", "--max-staleness", "1000",
-            "--ledger", str(self.tmp / "applied.json")])
+            "--ledger", str(self.tmp / "applied.json"))
 
-    def worker(self, party: int) -> subprocess.Popen[bytes]:
-        return self._spawn(f"w{party}", [
-            "worker", *self.common, "--party-id", str(party), "--num-parties", "2",
-            "--heartbeat-seconds", "1", "--slowdown", "3",
-            "--ledger", str(self.tmp / f"confirmed-{party}.jsonl")])
-
-    def log(self, name: str) -> str:
-        path = self.tmp / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+    def worker(self, party: int) -> subprocess.Popen[str]:
+        return self.start(
+            f"w{party}", "worker", *self.common, "--party-id", str(party), "--num-parties",
+            "2", "--heartbeat-seconds", "1", "--slowdown", "3",
+            "--ledger", str(self.tmp / f"confirmed-{party}.jsonl"))
 
     def confirmed(self) -> list[tuple[str, int]]:
         out = []
@@ -83,14 +73,6 @@ class Federation:
         target = len(self.confirmed()) + count
         self.wait_until(f"{count} more confirmed updates",
                         lambda: len(self.confirmed()) >= target, timeout)
-
-    def wait_until(self, what: str, done: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {n}\n{self.log(n)[-2500:]}" for n in self.procs)
-                pytest.fail(f"timed out waiting for {what}\n{logs}")
-            time.sleep(0.2)
 
     def finish(self) -> Books:
         """Wait for the version target, then balance the books."""
@@ -126,12 +108,6 @@ class Federation:
                 b.delete_queue(q)
         return found[t.dead], found[t.updates]
 
-    def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
 
 @dataclass
 class Books:
@@ -164,7 +140,7 @@ class Books:
 def fed(amqp_url: str, federation: str, tmp_path: Path) -> Iterator[Federation]:
     f = Federation(amqp_url, federation, tmp_path, versions=120)
     yield f
-    f.kill_all()
+    f.stop_all()
 
 
 def test_the_aggregator_killed_three_times_loses_nothing_and_applies_nothing_twice(

@@ -43,17 +43,6 @@ def party_states(report: dict[str, Any]) -> dict[str, str]:
     return {p["party"]: p["state"] for p in report["parties"]}
 
 
-def until(what: str, check: Any, timeout: float, procs: Procs) -> float:
-    """Poll ``check()`` until true; returns when it became true (monotonic seconds)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{procs.log(n)[-2000:]}" for n in procs.procs)
-            pytest.fail(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.3)
-    return time.monotonic()
-
-
 def test_parties_join_leave_and_die_while_the_federation_keeps_training(
         amqp_url: str, federation: str, procs: Procs, tmp_path: Path) -> None:
     common = ["--broker", amqp_url, "--federation", federation, *TINY]
@@ -64,17 +53,17 @@ def test_parties_join_leave_and_die_while_the_federation_keeps_training(
                       "1", "--eval-log", str(eval_log), "--metrics-port", str(port))
     party = ["--num-parties", "4", "--heartbeat-seconds", "0.5", "--slowdown", "5"]
     w0 = procs.start("w0", "worker", *common, "--party-id", "0", *party)
-    until("party 0 to join", lambda: "party 0 joined" in procs.log("aggregator"), 90, procs)
+    procs.wait_until("party 0 to join", lambda: "party 0 joined" in procs.log("aggregator"), 90)
     w1 = procs.start("w1", "worker", *common, "--party-id", "auto", *party)
-    until("two active parties", lambda: party_states(status(amqp_url, federation)) == {
-        "0": "active", "1": "active"}, 90, procs)
+    procs.wait_until("two active parties", lambda: party_states(status(amqp_url, federation)) == {
+        "0": "active", "1": "active"}, 90)
     assert "claimed party id 1 of 4" in procs.log("w1")
-    until("training", lambda: status(amqp_url, federation)["version"] >= 3, 60, procs)
+    procs.wait_until("training", lambda: status(amqp_url, federation)["version"] >= 3, 60)
 
     procs.start("w2", "worker", *common, "--party-id", "2", *party)
-    until("the third party to contribute", lambda: any(
+    procs.wait_until("the third party to contribute", lambda: any(
         p["party"] == "2" and p["updates"] > 0
-        for p in status(amqp_url, federation)["parties"]), 90, procs)
+        for p in status(amqp_url, federation)["parties"]), 90)
 
     twin = procs.start("twin", "worker", *common, "--party-id", "2", *party)
     assert twin.wait(90) == 2
@@ -82,19 +71,19 @@ def test_parties_join_leave_and_die_while_the_federation_keeps_training(
 
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(60) == 0
-    until("party 1 to show as left", lambda: party_states(
-        status(amqp_url, federation)).get("1") == "left", 15, procs)
+    procs.wait_until("party 1 to show as left", lambda: party_states(
+        status(amqp_url, federation)).get("1") == "left", 15)
 
     w0.kill()
     killed = time.monotonic()
     w0.wait()
-    expired = until("party 0's lease to expire", lambda: party_states(
-        status(amqp_url, federation)).get("0") == "expired", 30, procs)
+    expired = procs.wait_until("party 0's lease to expire", lambda: party_states(
+        status(amqp_url, federation)).get("0") == "expired", 30)
     assert 3.0 <= expired - killed <= 20  # after the 4 s lease, not before
 
     before = status(amqp_url, federation)["version"]
-    until("training to go on with one party", lambda: status(
-        amqp_url, federation)["version"] >= before + 3, 60, procs)
+    procs.wait_until("training to go on with one party", lambda: status(
+        amqp_url, federation)["version"] >= before + 3, 60)
     report = status(amqp_url, federation)
     assert party_states(report) == {"0": "expired", "1": "left", "2": "active"}
     assert report["active_parties"] == 1

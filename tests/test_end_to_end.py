@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,15 +19,6 @@ from tests.processes import Procs
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 TINY = ["--model", "worker.models:tiny_cnn", "--data", "worker.data:load_synthetic"]
-
-
-def wait_for(what: str, done: Callable[[], bool], timeout: float, procs: Procs) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{procs.log(n)[-3000:]}" for n in procs.procs)
-            pytest.fail(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.2)
 
 
 def evaluations(path: Path) -> list[dict[str, float]]:
@@ -52,11 +41,11 @@ def test_daemons_train_over_rabbitmq_through_a_late_join_a_sigterm_and_a_kill(
     procs.start("w0", "worker", *common, "--party-id", "0", *party)
     w1 = procs.start("w1", "worker", *common, "--party-id", "1", *party)
     try:
-        wait_for("version 5", lambda: any(e["version"] >= 5 for e in evaluations(eval_log)),
-                 120, procs)
+        procs.wait_until("version 5", lambda: any(e["version"] >= 5 for e in evaluations(eval_log)),
+                 120)
         w2 = procs.start("w2", "worker", *common, "--party-id", "2", *party)
-        wait_for("the late party to contribute", lambda: "sent update" in procs.log("w2"),
-                 90, procs)
+        procs.wait_until("the late party to contribute",
+                         lambda: "sent update" in procs.log("w2"), 90)
         w1.send_signal(signal.SIGTERM)
         assert w1.wait(60) == 0, procs.log("w1")
         w0 = procs.procs["w0"]
