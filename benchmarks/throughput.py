@@ -1,0 +1,119 @@
+"""Aggregator throughput against raw broker throughput for the same bytes, in one run.
+
+A publisher process first fills a queue with N messages of one update's size, so what is
+timed is the consumer draining it. Baseline: a plain pika consumer that only acks (no
+decoding, no math). Then the aggregator (FedAsync or FedBuff, no evaluation, checkpoints
+every 16 updates as in production) drains N valid updates from ``F.updates``: decode,
+validate, apply, broadcast, checkpoint, ack. Both are timed from the first delivery to the
+last, so start-up is not counted.
+
+    python -m benchmarks.throughput [--broker URL] [--params 1.2] [--count 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import tempfile
+import time
+import uuid
+
+from aggregator import Aggregator, AggregatorConfig
+from benchmarks.codec import tensors_of
+from messages.broker import Delivery, connect
+from messages.codec import decode, encode
+from messages.kinds import Join, Update, Welcome
+from messages.topology import Topology
+
+
+def publish(url: str, queue: str, bodies: list[bytes]) -> None:
+    """Publisher process: confirmed, persistent publishes of ``bodies`` to ``queue``."""
+    with connect(url) as broker:
+        for body in bodies:
+            broker.publish("", queue, body, mandatory=True)
+
+
+def raw(url: str, bodies: list[bytes], queue_type: str) -> float:
+    """Seconds from the first to the last delivery of a plain ack-only consumer."""
+    name = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    with connect(url) as broker:
+        broker.declare_queue(name, arguments={"x-queue-type": queue_type})
+        times: list[float] = []
+
+        def on_message(d: Delivery) -> None:
+            times.append(time.perf_counter())
+            broker.ack(d)
+
+        proc = mp.get_context("spawn").Process(target=publish, args=(url, name, bodies))
+        proc.start()
+        proc.join()
+        broker.consume(name, on_message, prefetch=16)
+        while len(times) < len(bodies):
+            broker.process_events(0.1)
+        broker.delete_queue(name)
+    return times[-1] - times[0]
+
+
+def aggregated(url: str, millions: float, count: int, strategy: str, queue_type: str) -> float:
+    """Seconds from the first to the last applied update of a queue filled beforehand."""
+    federation = f"bench{uuid.uuid4().hex[:8]}"
+    tensors = tensors_of(millions)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        config = AggregatorConfig(
+            broker=url, federation=federation, strategy=strategy, buffer_k=4, evaluate=False,
+            min_parties=1, max_staleness=10**9, queue_type=queue_type,
+            checkpoint_dir=checkpoints, max_message_bytes=1 << 30)
+        setup = Aggregator(config).start()  # registers the party, then stops (checkpointed)
+        topology = Topology(federation, queue_type)
+        with connect(url) as broker:
+            topology.declare(broker)
+            welcome = decode(broker.call(topology.control, encode(Join("bench", 100, tensors)),
+                                         timeout=30).body)
+            assert isinstance(welcome, Welcome) and welcome.accepted
+            setup.stop()
+            setup.wait(60)
+            bodies = [encode(Update("bench", welcome.next_seq + i, 0, 100, tensors))
+                      for i in range(count)]
+            proc = mp.get_context("spawn").Process(target=publish,
+                                                   args=(url, topology.updates, bodies))
+            proc.start()
+            proc.join()
+            agg = Aggregator(config).start()  # resumes, then drains the full queue
+            while agg.status.updates == 0:
+                time.sleep(0.001)
+            first = time.perf_counter()
+            while agg.status.updates < count:
+                time.sleep(0.001)
+            last = time.perf_counter()
+            agg.stop()
+            agg.wait(60)
+            for q in (topology.updates, topology.control, topology.dead):
+                broker.delete_queue(q)
+    return (last - first) * count / (count - 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", default="amqp://guest:guest@localhost:5672/%2F")
+    parser.add_argument("--params", type=float, default=1.2, help="millions of parameters")
+    parser.add_argument("--count", type=int, default=150, help="messages per measurement")
+    parser.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"))
+    ns = parser.parse_args(argv)
+    body = encode(Update("bench", 0, 0, 100, tensors_of(ns.params)))
+    mb = len(body) / 1e6
+    print(f"{ns.count} messages of {mb:.1f} MB ({ns.params}M float32), {ns.queue_type} queue, "
+          f"persistent + confirms, broker {ns.broker.split('@')[-1]}")
+    base = raw(ns.broker, [body] * ns.count, ns.queue_type)
+    base_rate = (ns.count - 1) / base
+    print(f"{'raw pika consume+ack':<28} {base_rate:8.1f} msg/s {base_rate * mb:8.1f} MB/s   1.00x")
+    for strategy in ("fedasync", "fedbuff"):
+        seconds = aggregated(ns.broker, ns.params, ns.count, strategy, ns.queue_type)
+        rate = ns.count / seconds
+        print(f"{'aggregator ' + strategy:<28} {rate:8.1f} upd/s {rate * mb:8.1f} MB/s "
+              f"{rate / base_rate:6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
