@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping
 
-import numpy as np
-
 from messages.errors import InvalidMessage
 from messages.kinds import Message, Update
 from messages.types import TensorSpec
@@ -34,7 +32,8 @@ def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, ver
             raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name}, model has {dtype}")
         if array.shape != shape:
             raise InvalidMessage("shape-mismatch", f"{name}: {array.shape}, model has {shape}")
-        if array.size and float(np.abs(array).max()) > max_abs:
+        # min and max read the array without the full-size temporary np.abs would make
+        if array.size and max(-float(array.min()), float(array.max())) > max_abs:
             # finite but huge values would overflow the weights to inf in a few applies
             raise InvalidMessage("out-of-range", f"{name}: |value| > {max_abs:g}")
     if msg.base_version > version:
