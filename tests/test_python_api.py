@@ -17,6 +17,16 @@ pytestmark = pytest.mark.slow
 TINY = {"model": "worker.models:tiny_cnn", "data": "worker.data:load_synthetic"}
 
 
+def stuck(agg: Aggregator, parties: list[Worker]) -> str:
+    """What a stalled federation was waiting for, for the failure message."""
+    st = agg.strategy
+    lines = [f"aggregator: version {agg.status.version}, {agg.status.updates} updates, "
+             f"{agg.status.discarded} discarded, waiting for "
+             f"{sorted(getattr(st, 'waiting_for', []))}, active {sorted(agg.membership.active)}"]
+    lines += [f"party {p.config.party_id}: {p.stats}" for p in parties]
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize("strategy", ["fedasync", "fedbuff", "fedavg"])
 def test_a_federation_runs_from_python_and_returns_a_keras_model(strategy: str) -> None:
     broker = f"memory://{uuid.uuid4().hex[:8]}"
@@ -25,7 +35,7 @@ def test_a_federation_runs_from_python_and_returns_a_keras_model(strategy: str) 
                                       **TINY)).start()
     parties = [Worker(WorkerConfig(party_id=i, num_parties=2, broker=broker, **TINY)).start()
                for i in range(2)]
-    assert agg.wait(240)
+    assert agg.wait(240), stuck(agg, parties)
     for p in parties:
         assert p.wait(60)
         assert p.stats.updates_sent > 0 and p.stats.stopped_by.startswith("aggregator")

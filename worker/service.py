@@ -195,6 +195,10 @@ class Worker(BackgroundService):
         assert self._trainer is not None
         join = encode(Join(cfg.party, len(self._trainer.y), self._trainer.initial(),
                            software=SOFTWARE))
+        # Broadcasts delivered while the join is in flight are newer than anything seen
+        # before it: keep them apart from the older models (a restarted aggregator may have
+        # rolled back) so a welcome sent before a broadcast cannot hide that broadcast.
+        self._latest = None
         while not self._stop.is_set():
             try:
                 reply = decode(broker.call(self.topology.control, join,
@@ -209,12 +213,18 @@ class Worker(BackgroundService):
                                       f"{reply.reason}")
             self._next_seq = reply.next_seq
             self._settings = dict(reply.settings)
-            # The welcome is the truth, even when older than a model seen before: a restarted
-            # aggregator may have resumed from an earlier checkpoint.
+            # The welcome is the truth, even when older than a model seen before the join: a
+            # restarted aggregator may have resumed from an earlier checkpoint. Only a model
+            # broadcast after the welcome was sent (and delivered before it) is newer.
+            during = self._latest
             self._latest = Model(reply.version, reply.tensors) if reply.tensors else None
+            if during is not None and (self._latest is None
+                                       or during.version > self._latest.version):
+                self._latest = during
             self._last_base = -1
-            if reply.tensors:
-                log.info("party %s joined at model version %d", cfg.party, reply.version)
+            if self._latest is not None:
+                log.info("party %s joined at model version %d", cfg.party,
+                         self._latest.version)
             else:
                 log.info("party %s joined; waiting for the first model", cfg.party)
             return reply
