@@ -12,12 +12,12 @@ from typing import Any
 
 from tabulate import tabulate
 
-from messages.broker import connect
+from messages.broker import connect, mask_url
 from messages.cli import Formatter, Parser, fail
 from messages.codec import decode, encode
 from messages.errors import FederationError, PublishRejected
 from messages.kinds import Message, Model, Query, Report
-from messages.settings import DEFAULT_AMQP_URL, ENV_PREFIX, mask_url
+from messages.settings import DEFAULT_AMQP_URL, ENV_PREFIX
 from messages.topology import Topology
 
 STATUS_DESCRIPTION = """\
@@ -60,7 +60,8 @@ def ask(broker_url: str, federation: str, what: str, timeout: float) -> Message:
     topology = Topology(federation)
     with connect(broker_url) as broker:
         try:
-            reply = broker.call(topology.control, encode(Query(what)), timeout=timeout)
+            reply = broker.call(topology.control, encode(Query(what)), timeout=timeout,
+                                 exchange=topology.ingress)
         except PublishRejected:
             raise FederationError(f"no federation {federation!r} on {mask_url(broker_url)} "
                                   "(its control queue does not exist)") from None

@@ -16,9 +16,10 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from messages.errors import ConfigError
+from messages.tls import TLS_PARAMS, parse_options, split_url
 
 Headers = dict[str, Any]
 Handler = Callable[["Delivery"], None]
@@ -75,6 +76,11 @@ class Broker(abc.ABC):
     def queue_depth(self, name: str) -> int:
         """Messages ready in ``name`` (not counting unacked ones)."""
 
+    @abc.abstractmethod
+    def exists(self, name: str, *, exchange: bool = False) -> bool:
+        """Whether the queue (or ``exchange``) ``name`` exists. A passive check: it needs no
+        permission to configure, so a restricted party can see if its federation is up."""
+
     # -- publishing ------------------------------------------------------------------------
     @abc.abstractmethod
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
@@ -117,8 +123,11 @@ class Broker(abc.ABC):
     # -- request/reply ---------------------------------------------------------------------
     @abc.abstractmethod
     def call(self, queue: str, body: bytes, *, timeout: float,
-             headers: Mapping[str, Any] | None = None) -> Delivery:
+             headers: Mapping[str, Any] | None = None, exchange: str = "") -> Delivery:
         """Send ``body`` to ``queue`` and wait for the reply (``RpcTimeout`` after ``timeout``).
+
+        ``queue`` is the routing key on ``exchange`` (the default exchange routes it to the
+        queue of that name; a party routes through its federation's ingress exchange).
 
         The server answers with ``reply(request, body)``.
         """
@@ -151,21 +160,50 @@ class Broker(abc.ABC):
 
 
 SCHEMES = ("memory", "amqp", "amqps")
+# pika's own URL parameters that keep their meaning here (connection_attempts and retry_delay
+# do not: the supervisors own reconnecting), then the TLS ones of RabbitMQ's URI spec.
+AMQP_PARAMS = ("heartbeat", "channel_max", "frame_max", "locale", "socket_timeout",
+               "stack_timeout", "blocked_connection_timeout")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for errors, logs and status output)."""
+    parts = urlparse(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
 
 
 def check_broker_url(url: str) -> str:
-    """Refuse a broker URL no implementation serves, at configuration time."""
-    if urlparse(url).scheme not in SCHEMES:
-        raise ConfigError(f"--broker {url!r}: use memory:// or amqp://user:pass@host:5672/vhost "
-                          "(amqps:// for TLS)")
+    """Refuse a broker URL no implementation serves, at configuration time.
+
+    For ``amqp://`` and ``amqps://`` the query parameters must be known ones, and the TLS
+    files an ``amqps://`` URL names must exist (``ConfigError``, one line, no password).
+    """
+    scheme = urlparse(url).scheme
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--broker {mask_url(url)!r}: use memory:// or "
+                          "amqp://user:pass@host:5672/vhost (amqps:// for TLS)")
+    if scheme == "memory":
+        return url
+    rest, tls = split_url(url)
+    allowed = AMQP_PARAMS + (TLS_PARAMS if scheme == "amqps" else ())
+    for name in [*parse_qs(urlparse(rest).query, keep_blank_values=True), *tls]:
+        if name not in allowed:
+            hint = " (TLS parameters need amqps://)" if name in TLS_PARAMS else ""
+            raise ConfigError(f"--broker: unknown URL parameter {name!r}{hint}; "
+                              f"{scheme}:// takes {', '.join(allowed)}")
+    if scheme == "amqps":
+        parse_options(tls)
     return url
 
 
 def connect(url: str, **options: Any) -> Broker:
     """Open a broker connection for ``url``: ``memory://[name]``, ``amqp://`` or ``amqps://``.
 
-    Raises ``ConfigError`` for other schemes and ``ConnectionLost``/``AccessRefused`` when the
-    broker cannot be reached or refuses us.
+    Raises ``ConfigError`` for other schemes, unknown URL parameters or missing TLS files,
+    ``ConnectionLost`` when the broker cannot be reached (retrying may help) and
+    ``AccessRefused`` when it refuses us (``TLSRefused`` for a failed TLS handshake).
     """
     scheme = urlparse(check_broker_url(url)).scheme
     if scheme == "memory":

@@ -43,7 +43,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("federation")
     g.add_argument("--broker", metavar="URL",
                    help="message broker: memory:// (in-process) or "
-                        "amqp://user:pass@host:5672/vhost (amqps:// for TLS)")
+                        "amqp://user:pass@host:5672/vhost (for TLS amqps://... with "
+                        "?cacertfile=CA.pem, &certfile= and &keyfile= as needed)")
     g.add_argument("--federation", metavar="ID",
                    help="federation id; prefixes every queue, so federations can share a vhost")
     g.add_argument("--data-dir", metavar="DIR",

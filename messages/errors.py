@@ -13,7 +13,8 @@ one class; transport errors (pika, sockets) are translated into it at the broker
     └── BrokerError
         ├── ConnectionLost     the broker went away; reconnecting can fix it
         ├── AccessRefused      credentials, permissions or topology refused; retrying cannot fix it
-        │   └── ResourceLocked an exclusive queue is held by another connection
+        │   ├── ResourceLocked an exclusive queue is held by another connection
+        │   └── TLSRefused     the TLS handshake failed: an untrusted certificate on either side
         ├── PublishRejected    the broker nacked a publish (e.g. queue full); retry later
         └── RpcTimeout         no reply to an RPC within its deadline
 """
@@ -67,6 +68,11 @@ class AccessRefused(BrokerError):
 
 class ResourceLocked(AccessRefused):
     """An exclusive queue is in use by another connection (RabbitMQ's RESOURCE_LOCKED)."""
+
+
+class TLSRefused(AccessRefused):
+    """The TLS handshake failed for a reason retrying cannot fix: we do not trust the broker's
+    certificate (or it names another host), or the broker refused ours or its absence."""
 
 
 class PublishRejected(BrokerError):

@@ -155,6 +155,11 @@ class MemoryBroker(Broker):
         with self._server.lock:
             self._drop_queue(name)
 
+    def exists(self, name: str, *, exchange: bool = False) -> bool:
+        self._check_open()
+        with self._server.lock:
+            return name in (self._server.exchanges if exchange else self._server.queues)
+
     def queue_depth(self, name: str) -> int:
         self._check_open()
         with self._server.lock:
@@ -306,14 +311,14 @@ class MemoryBroker(Broker):
 
     # -- request/reply ---------------------------------------------------------------------
     def call(self, queue: str, body: bytes, *, timeout: float,
-             headers: Mapping[str, Any] | None = None) -> Delivery:
+             headers: Mapping[str, Any] | None = None, exchange: str = "") -> Delivery:
         if self._reply_queue is None:
             name = f"amq.gen-{uuid.uuid4().hex}"
             self.declare_queue(name, durable=False, exclusive=True, auto_delete=True)
             self.consume(name, self._on_reply, auto_ack=True)
             self._reply_queue = name
         cid = uuid.uuid4().hex
-        self.publish("", queue, body, headers=headers, persistent=False, mandatory=True,
+        self.publish(exchange, queue, body, headers=headers, persistent=False, mandatory=True,
                      reply_to=self._reply_queue, correlation_id=cid)
         deadline = time.monotonic() + timeout
         while cid not in self._replies:

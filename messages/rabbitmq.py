@@ -2,7 +2,9 @@
 
 One BlockingConnection with one channel in publisher-confirm mode. pika's errors are turned
 into the project's tree here (``ConnectionLost`` when reconnecting can help, ``AccessRefused``
-when the broker refused on purpose), so callers never catch pika types.
+when the broker refused on purpose, ``TLSRefused`` when the TLS handshake failed), so callers
+never catch pika types. ``amqps://`` URLs carry their TLS settings as query parameters
+(``messages.tls``), which are taken out before pika sees the URL.
 """
 
 from __future__ import annotations
@@ -18,27 +20,23 @@ from urllib.parse import urlparse
 import pika
 import pika.exceptions as pe
 
-from messages.broker import Broker, Delivery, Handler, check_headers
+from messages import tls
+from messages.broker import Broker, Delivery, Handler, check_broker_url, check_headers, mask_url
 from messages.errors import (
     AccessRefused,
     BrokerError,
+    ConfigError,
     ConnectionLost,
     PublishRejected,
     ResourceLocked,
     RpcTimeout,
+    TLSRefused,
 )
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Broker close codes that retrying cannot fix: access refused, precondition failed (a queue
 # declared with other arguments), not allowed (vhost), and resource locked (exclusive queue).
 _REFUSALS = {403, 405, 406, 530}
-
-
-def _redact(url: str) -> str:
-    p = urlparse(url)
-    if p.password:
-        return url.replace(f":{p.password}@", ":***@", 1)
-    return url
 
 
 @contextmanager
@@ -74,23 +72,58 @@ class RabbitBroker(Broker):
 
     def __init__(self, url: str, *, heartbeat: int | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        """Connect to ``url``; ``ssl_context`` replaces the one built from its TLS parameters."""
         self.url = url
-        params = pika.URLParameters(url)
+        pika_url, tls_params = tls.split_url(check_broker_url(url))
+        try:
+            params = pika.URLParameters(pika_url)
+        except ValueError as exc:  # e.g. heartbeat=soon
+            raise ConfigError(f"--broker {mask_url(url)!r}: {exc}") from None
         if heartbeat is not None:
             params.heartbeat = heartbeat
-        if ssl_context is not None:
-            params.ssl_options = pika.SSLOptions(ssl_context, urlparse(url).hostname)
+        options = tls.parse_options(tls_params)
+        if ssl_context is not None or params.ssl_options is not None:
+            # pika made a default context for amqps://; ours adds cacertfile, our certificate
+            # and the verify mode, and checks the name the certificate must carry.
+            params.ssl_options = pika.SSLOptions(ssl_context or tls.context(options),
+                                                 options.server_name or urlparse(url).hostname)
         params.connection_attempts = 1
         # A resource alarm blocks publishers; without a timeout a blocked broadcast would
         # wait forever, and the aggregator could not consume the backlog that caused it.
         if params.blocked_connection_timeout is None:
             params.blocked_connection_timeout = 120
-        with _translated(f"connecting to {_redact(url)}"):
-            self._conn = pika.BlockingConnection(params)
+        with _translated(f"connecting to {mask_url(url)}"):
+            self._conn = self._open(params, options)
             self._ch = self._conn.channel()
             self._ch.confirm_delivery()
         self._replies: dict[str, Delivery] = {}
         self._replying = False
+
+    @staticmethod
+    def _open(params: Any, options: tls.TLSOptions) -> Any:
+        """A BlockingConnection; a TLS handshake that failed for good raises ``TLSRefused``.
+
+        A refused TLS handshake is a configuration fault (an untrusted CA, a missing client
+        certificate): raising ``ConnectionLost`` would have the supervisor retry it forever.
+        """
+        where = f"{params.host}:{params.port}"
+        try:
+            return pika.BlockingConnection(params)
+        except ssl.SSLError as exc:  # our side of the handshake failed (pika re-raises it)
+            line = tls.explain(exc, where, options)
+            if line is None:
+                raise
+            raise TLSRefused(line) from None
+        except (pe.IncompatibleProtocolError, pe.StreamLostError):
+            # The broker dropped us during the handshake: with TLS 1.3 that is how a refused
+            # client certificate looks to pika. Ask the broker once more, and listen.
+            opts = params.ssl_options
+            refusal = None if opts is None else tls.probe(params.host, params.port,
+                                                          opts.context, opts.server_hostname)
+            line = None if refusal is None else tls.explain(refusal, where, options)
+            if line is None:
+                raise
+            raise TLSRefused(line) from None
 
     def _channel(self) -> Any:
         """The channel, reopened if the broker closed it after a refused operation."""
@@ -126,6 +159,20 @@ class RabbitBroker(Broker):
         with _translated(f"inspecting queue {name!r}"):
             ok = self._channel().queue_declare(queue=name, passive=True)
         return int(ok.method.message_count)
+
+    def exists(self, name: str, *, exchange: bool = False) -> bool:
+        with _translated(f"looking for {name!r}"):
+            ch = self._channel()
+            try:
+                if exchange:
+                    ch.exchange_declare(exchange=name, passive=True)
+                else:
+                    ch.queue_declare(queue=name, passive=True)
+            except pe.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:  # the broker closed the channel; reopened on next use
+                    return False
+                raise
+        return True
 
     # -- publishing ------------------------------------------------------------------------
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
@@ -176,14 +223,14 @@ class RabbitBroker(Broker):
 
     # -- request/reply ---------------------------------------------------------------------
     def call(self, queue: str, body: bytes, *, timeout: float,
-             headers: Mapping[str, Any] | None = None) -> Delivery:
+             headers: Mapping[str, Any] | None = None, exchange: str = "") -> Delivery:
         if not self._replying:
             # Direct reply-to: no reply queue to declare; the consumer must exist before the
             # request is published.
             self.consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
             self._replying = True
         cid = uuid.uuid4().hex
-        self.publish("", queue, body, headers=headers, persistent=False, mandatory=True,
+        self.publish(exchange, queue, body, headers=headers, persistent=False, mandatory=True,
                      reply_to=DIRECT_REPLY_TO, correlation_id=cid)
         deadline = time.monotonic() + timeout
         while cid not in self._replies:

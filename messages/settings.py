@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -22,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from messages.broker import check_broker_url
+from messages.broker import check_broker_url, mask_url
 from messages.codec import DEFAULT_MAX_BYTES
 from messages.errors import ConfigError
 from messages.topology import check_name
@@ -122,10 +121,3 @@ class FederationSettings(DaemonSettings):
     def _federation(cls, value: str) -> str:
         return check_name("--federation", value)
 
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for logs and status output)."""
-    parts = urlparse(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url

@@ -2,6 +2,9 @@
 
 Every name is prefixed by the federation id ``F`` so several federations share a vhost:
 
+- ``F.in``       direct exchange, the parties' only way in: routing key ``F.updates`` or
+  ``F.control`` reaches the queue of that name. Parties get write permission on this
+  exchange alone, never on the default exchange (which reaches every queue by name).
 - ``F.updates``  durable queue (quorum by default), parties -> aggregator, dead-letters to
   ``F.dead``; optional max length with ``reject-publish`` (backpressure).
 - ``F.control``  durable queue for join (RPC) / leave / heartbeat, dead-letters to ``F.dead``.
@@ -10,8 +13,10 @@ Every name is prefixed by the federation id ``F`` so several federations share a
 - ``F.dead``     fanout exchange + durable queue holding every rejected message, with the
   reason in the ``x-dfl-reason`` header.
 
-Parties and aggregator both declare the shared part (declaring is idempotent), so whichever
-starts first creates it; declaring with different arguments is refused by the broker.
+The aggregator declares the shared part (declaring is idempotent; different arguments are
+refused by the broker). A party only checks that it exists (a passive check, which needs no
+permission) and declares nothing but its own model queue, so a party's broker user can be
+denied every configure right on shared resources (``permissions``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class Topology:
             raise ConfigError(f"queue type {self.queue_type!r}: use one of {QUEUE_TYPES}")
 
     @property
+    def ingress(self) -> str:
+        return f"{self.federation}.in"
+
+    @property
     def updates(self) -> str:
         return f"{self.federation}.updates"
 
@@ -82,6 +91,29 @@ class Topology:
         broker.declare_queue(self.control, arguments={"x-queue-type": self.queue_type,
                                                       "x-dead-letter-exchange": self.dead})
         broker.declare_exchange(self.models, "fanout")
+        broker.declare_exchange(self.ingress, "direct")
+        broker.bind(self.updates, self.ingress, self.updates)
+        broker.bind(self.control, self.ingress, self.control)
+
+    def ready(self, broker: Broker) -> bool:
+        """Whether the aggregator has declared the federation (what a party needs of it)."""
+        return broker.exists(self.ingress, exchange=True) and broker.exists(
+            self.models, exchange=True)
+
+    def party_permissions(self, party: str) -> tuple[str, str, str]:
+        """RabbitMQ (configure, write, read) patterns for party ``party``: declare and bind
+        its own model queue; publish to the ingress exchange; read the model fanout and its
+        own queue. Nothing else: not ``F.updates``, not another party's queue, not the
+        default exchange."""
+        f, own = re.escape(self.federation), re.escape(self.model_queue(check_name(
+            "party id", party)))
+        return f"^{own}$", f"^({f}\\.in|{own})$", f"^({f}\\.models|{own})$"
+
+    def aggregator_permissions(self) -> tuple[str, str, str]:
+        """RabbitMQ (configure, write, read) patterns for the aggregator: everything of the
+        federation, and the default exchange, through which RPC replies go."""
+        f = re.escape(self.federation)
+        return f"^{f}\\..*", f"^({f}\\..*|amq\\.default)$", f"^{f}\\..*"
 
     def declare_model_queue(self, broker: Broker, party: str) -> str:
         """The party's own queue on the model fanout: only ever the newest model."""

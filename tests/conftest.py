@@ -2,7 +2,8 @@
 
 RabbitMQ comes from testcontainers where a Docker engine is reachable, otherwise from
 ``DFL_TEST_AMQP_URL`` (default: the local broker). Without either, broker tests skip on a
-laptop but fail when ``CI`` is set, so CI can never pass by skipping them.
+laptop but fail when ``CI`` is set, so CI can never pass by skipping them. The TLS tests
+start a private node of their own (``tests/tls_node.py``), under the same rule.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,6 +21,9 @@ from messages.broker import Broker, connect
 from messages.errors import BrokerError
 from messages.topology import Topology
 from tests.processes import Procs
+
+if TYPE_CHECKING:
+    from tests.tls_node import TLSNode
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -57,6 +62,28 @@ def amqp_url() -> Iterator[str]:
             pytest.fail(message)
         pytest.skip(message)
     yield url
+
+
+@pytest.fixture(scope="session")
+def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSNode]:
+    """A private RabbitMQ node whose TLS listener requires client certificates, or skip
+    (fail under CI). It takes several seconds to boot, so the session shares one."""
+    try:
+        from tests.tls_node import NodeError, start
+    except ImportError as exc:  # cryptography, from the test extra
+        problem = f"{exc}; pip install -e '.[test]'"
+    else:
+        try:
+            node = start(tmp_path_factory.mktemp("tls-node"))
+        except NodeError as exc:
+            problem = str(exc)
+        else:
+            yield node
+            node.stop()
+            return
+    if os.environ.get("CI"):
+        pytest.fail(f"no RabbitMQ node for the TLS tests: {problem}")
+    pytest.skip(f"no RabbitMQ node for the TLS tests: {problem.splitlines()[0]}")
 
 
 @pytest.fixture(params=["memory", "rabbitmq"])

@@ -36,15 +36,15 @@ def test_bad_credentials_stop_the_aggregator_with_one_line(amqp_url: str) -> Non
     assert "login refused, check the user and password" in line
 
 
-def test_a_queue_declared_with_other_arguments_stops_the_worker(amqp_url: str,
-                                                                federation: str) -> None:
+def test_a_queue_declared_with_other_arguments_stops_the_aggregator(amqp_url: str,
+                                                                    federation: str) -> None:
+    """Only the aggregator declares the shared queues (parties check, never declare)."""
     t = Topology(federation, queue_type="classic")
     with connect(amqp_url) as b:
         t.declare(b)
     try:
-        line = refused("worker", "--broker", amqp_url, "--federation", federation,
-                       "--party-id", "0", "--model", "worker.models:tiny_cnn",
-                       "--data", "worker.data:load_synthetic")
+        line = refused("aggregator", "--broker", amqp_url, "--federation", federation,
+                       "--no-eval")
         assert "PRECONDITION_FAILED" in line
     finally:
         with connect(amqp_url) as b:

@@ -59,6 +59,12 @@ def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
     parser.add_argument("--slowdown", type=float,
                         help="simulate a slower party: after each round, sleep (SLOWDOWN - 1) "
                              "times the measured training time")
+    sec = parser.add_argument_group("security")
+    sec.add_argument("--signing-key", metavar="FILE",
+                     help="sign every message with this key: <id>.key (Ed25519) or "
+                          "<id>.secret (HMAC), made by `dfl admin add-party`")
+    sec.add_argument("--aggregator-key", metavar="FILE.pub",
+                     help="accept only models and replies signed by this aggregator key")
     bind_settings(parser, WorkerConfig)
     return parser
 

@@ -36,6 +36,9 @@ class WorkerConfig(FederationSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     join_timeout: float = Field(default=10.0, gt=0)
     slowdown: float = Field(default=1.0, ge=1)
+    # authenticity: this party's signing key, and the aggregator's public key
+    signing_key: str | None = None
+    aggregator_key: str | None = None
 
     @field_validator("party_id", mode="before")
     @classmethod
@@ -52,6 +55,9 @@ class WorkerConfig(FederationSettings):
             raise ValueError(f"--party-id {self.party_id}: must be in 0..{self.num_parties - 1} "
                              f"(one shard per party of --num-parties {self.num_parties}), "
                              "or auto, or hostname")
+        if self.signing_key and self.party_id == "auto":
+            raise ValueError("--signing-key belongs to one party: give its --party-id "
+                             "instead of auto")
         return self
 
     @property

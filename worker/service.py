@@ -37,6 +37,7 @@ from messages.errors import (
 )
 from messages.kinds import Heartbeat, Join, Leave, Model, Query, Stop, Update, Welcome
 from messages.plugins import load_dataset
+from messages.signing import AGGREGATOR, Keyring, Signer, aggregator_keyring, load_signer
 from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Settings
@@ -87,6 +88,11 @@ class Worker(BackgroundService):
         self._rejoin = False
         self._next_beat = 0.0
         self._settings: Settings = {}
+        # Key files are read here so that a bad path stops the daemon before it connects.
+        self._signer: Signer | None = (load_signer(config.signing_key, config.party)
+                                       if config.signing_key else None)
+        self._trust: Keyring | None = (aggregator_keyring(config.aggregator_key)
+                                       if config.aggregator_key else None)
 
     # -- public API ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -136,7 +142,8 @@ class Worker(BackgroundService):
         cfg = self.config
         broker = connect(cfg.broker)
         try:
-            self.topology.declare(broker)
+            if not self._await_federation(broker):
+                return
             queue = self._claim(broker)
             if self._trainer is None:
                 self._trainer = self._serviced(broker, self._build_trainer, self.config.party_id)
@@ -148,11 +155,23 @@ class Worker(BackgroundService):
                 return
             self._loop(broker)
             if not self.stats.stopped_by.startswith("aggregator"):
-                broker.publish("", self.topology.control,
-                               encode(Leave(self.config.party, self.stats.stopped_by)),
-                               persistent=False)
+                self._send(broker, self.topology.control,
+                           encode(Leave(self.config.party, self.stats.stopped_by)))
         finally:
             broker.close()
+
+    def _await_federation(self, broker: Broker) -> bool:
+        """Wait until the aggregator has declared the federation (parties never declare it);
+        False when stopped first."""
+        if self.topology.ready(broker):
+            return True
+        log.info("party %s: federation %r is not on the broker yet; waiting for its "
+                 "aggregator", self.config.party, self.config.federation)
+        while not self._stop.is_set():
+            broker.process_events(0.5)
+            if self.topology.ready(broker):
+                return True
+        return False
 
     def _claim(self, broker: Broker) -> str:
         """Declare this party's exclusive model queue; with ``auto``, the first free id.
@@ -201,8 +220,10 @@ class Worker(BackgroundService):
         self._latest = None
         while not self._stop.is_set():
             try:
-                reply = decode(broker.call(self.topology.control, join,
-                                           timeout=cfg.join_timeout).body)
+                answer = broker.call(self.topology.control, join, timeout=cfg.join_timeout,
+                                     headers=self._signed(join), exchange=self.topology.ingress)
+                self._check_aggregator(answer, "welcome")
+                reply = decode(answer.body)
             except RpcTimeout:
                 log.info("party %s: no answer from the aggregator yet, asking again", cfg.party)
                 continue
@@ -296,7 +317,7 @@ class Worker(BackgroundService):
                                     stop=lambda _s: self._stop.is_set(),
                                     sleep=service, before_sleep=rejected, reraise=True):
                 with attempt:
-                    broker.publish("", self.topology.updates, body, mandatory=True)
+                    self._send(broker, self.topology.updates, body, update=True)
         except PublishRejected:
             if self._stop.is_set():
                 return  # stopping while the queue is full: the update stays pending
@@ -317,12 +338,35 @@ class Worker(BackgroundService):
         if now < self._next_beat:
             return
         version = self._latest.version if self._latest else -1
-        broker.publish("", self.topology.control, encode(Heartbeat(self.config.party, version)),
-                       persistent=False)
+        self._send(broker, self.topology.control, encode(Heartbeat(self.config.party, version)))
         self._next_beat = now + self.config.heartbeat_seconds
+
+    def _signed(self, body: bytes) -> dict[str, str] | None:
+        return self._signer.headers(body) if self._signer is not None else None
+
+    def _send(self, broker: Broker, queue: str, body: bytes, *, update: bool = False) -> None:
+        """Publish to the aggregator's ``queue``, signed when this party has a key.
+
+        Updates are persistent and mandatory (an unroutable update must not count as sent);
+        heartbeats and leaves are fire-and-forget.
+        """
+        broker.publish(self.topology.ingress, queue, body, headers=self._signed(body),
+                       persistent=update, mandatory=update)
+
+    def _check_aggregator(self, d: Delivery, what: str) -> None:
+        """With ``--aggregator-key``, a welcome that is not the aggregator's stops the party."""
+        if self._trust is None:
+            return
+        try:
+            self._trust.verify(d.body, d.headers)
+        except InvalidMessage as exc:
+            raise FederationError(f"the {what} is not signed by the aggregator's key "
+                                  f"({exc}); check --aggregator-key") from None
 
     def _on_model(self, d: Delivery) -> None:
         try:
+            if self._trust is not None and self._trust.verify(d.body, d.headers) != AGGREGATOR:
+                raise InvalidMessage("bad-signature", "not signed by the aggregator")
             msg = decode(d.body, self.config.max_message_bytes)
         except InvalidMessage as exc:
             log.warning("party %s: ignored a bad model message: %s", self.config.party, exc)
