@@ -7,7 +7,7 @@ import sys
 
 from aggregator.config import AggregatorConfig
 from aggregator.staleness import STALENESS_FUNCTIONS
-from aggregator.strategies import STRATEGIES
+from aggregator.strategies import AGGREGATIONS, STRATEGIES
 from messages.cli import (
     Formatter,
     Parser,
@@ -50,6 +50,17 @@ def add_strategy_options(parser: argparse.ArgumentParser) -> None:
                    help="FedBuff: updates per aggregation")
     g.add_argument("--eta", type=float,
                    help="server learning rate of FedBuff and FedAvg")
+    g.add_argument("--aggregation", choices=AGGREGATIONS,
+                   help="FedBuff: how a full buffer is combined: mean (weighted by samples and "
+                        "S(s)); median or trimmed-mean (coordinate-wise, unweighted, need "
+                        "--buffer-k >= 3; resist a minority of malicious parties sending "
+                        "scaled or sign-flipped deltas)")
+    g.add_argument("--trim-fraction", type=float, metavar="BETA",
+                   help="trimmed-mean: drop floor(BETA*K) largest and smallest values of each "
+                        "coordinate, 0 <= BETA < 0.5 (must trim at least one: BETA >= 1/K)")
+    g.add_argument("--max-update-norm", type=float, metavar="C",
+                   help="FedAsync, FedBuff: scale every delta down to global L2 norm C before "
+                        "using it (bounds how far one update moves the model)")
     g.add_argument("--max-staleness", type=int,
                    help="dead-letter updates staler than this many versions")
     g.add_argument("--max-delta-abs", type=float,
@@ -101,6 +112,11 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
                    help="unacked messages the broker may push to the aggregator")
     d.add_argument("--lease-seconds", type=float,
                    help="a party that sends nothing for this long is considered gone")
+    sec = parser.add_argument_group("security")
+    sec.add_argument("--keys", dest="keys_dir", metavar="DIR",
+                     help="require every party message to be signed: DIR holds each party's "
+                          "<id>.pub (Ed25519) or <id>.secret (HMAC) and aggregator.key, with "
+                          "which models are signed (made by `dfl admin`)")
     bind_settings(parser, AggregatorConfig)
     return parser
 

@@ -24,6 +24,9 @@ class AggregatorConfig(FederationSettings):
     mixing_alpha: float = Field(default=0.6, gt=0, le=1)
     buffer_k: int = Field(default=2, ge=1)
     eta: float = Field(default=1.0, gt=0)
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    max_update_norm: float | None = Field(default=None, gt=0)
     max_staleness: int = Field(default=50, ge=0)
     max_delta_abs: float = Field(default=1e4, gt=0)
     min_parties: int = Field(default=2, ge=1)
@@ -47,6 +50,8 @@ class AggregatorConfig(FederationSettings):
     checkpoint_dir: str | None = None
     checkpoint_every_updates: int = Field(default=16, ge=1)
     checkpoint_every_seconds: float = Field(default=2.0, gt=0)
+    # authenticity: party public keys / HMAC secrets and the aggregator's own signing key
+    keys_dir: str | None = None
     # broker tuning (the shared settings are in FederationSettings)
     prefetch: int = Field(default=16, ge=1)
 
@@ -54,6 +59,10 @@ class AggregatorConfig(FederationSettings):
     def _consistent(self) -> AggregatorConfig:
         if self.target_accuracy is not None and not self.evaluate:
             raise ValueError("--target-accuracy needs evaluation: drop --no-eval")
+        if self.aggregation != "mean" and self.strategy != "fedbuff":
+            raise ValueError(f"--aggregation {self.aggregation} needs --strategy fedbuff")
+        if self.max_update_norm is not None and self.strategy == "fedavg":
+            raise ValueError("--max-update-norm needs --strategy fedasync or fedbuff")
         return self
 
     @property

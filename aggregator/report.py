@@ -34,7 +34,7 @@ def status_report(federation: str, strategy: str, status: Status, membership: Me
     """Model version, throughput, every party's state, and dead-letter counts by reason."""
     parties = []
     for p in sorted(membership.parties.values(), key=lambda p: p.party):
-        accuracy = p.metrics.get("accuracy")
+        accuracy, epsilon = p.metrics.get("accuracy"), p.metrics.get("epsilon")
         parties.append({
             "party": p.party, "state": p.state,
             "last_seen_seconds": round(membership.seconds_since_seen(p.party), 1),
@@ -42,6 +42,7 @@ def status_report(federation: str, strategy: str, status: Status, membership: Me
             "local_accuracy": None if accuracy is None else round(accuracy, 4),
             "lag": None if p.last_base < 0 else status.version - p.last_base,
             "samples": p.num_samples, "software": p.software,
+            "epsilon": epsilon,  # privacy spent, reported by a party with --dp-noise
         })
     return {
         "federation": federation, "strategy": strategy, "version": status.version,

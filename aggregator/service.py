@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -34,9 +35,19 @@ from aggregator.strategies import Contribution, Outcome, make_strategy
 from aggregator.validation import check_update
 from messages.broker import Broker, Delivery, connect
 from messages.codec import decode, encode
-from messages.errors import FederationError, InvalidMessage
+from messages.errors import ConfigError, FederationError, InvalidMessage
 from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Welcome
 from messages.plugins import build_model
+from messages.signing import (
+    AGGREGATOR,
+    SIGNATURE_HEADER,
+    SIGNER_HEADER,
+    Keyring,
+    Signer,
+    check_signer,
+    load_keyring,
+    load_signer,
+)
 from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
@@ -64,8 +75,18 @@ class Aggregator(BackgroundService):
         staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
         self.strategy = make_strategy(config.strategy, staleness=staleness,
                                       alpha=config.mixing_alpha, k=config.buffer_k,
-                                      eta=config.eta)
+                                      eta=config.eta, aggregation=config.aggregation,
+                                      trim_fraction=config.trim_fraction,
+                                      max_update_norm=config.max_update_norm)
         self.membership = Membership(config.lease_seconds)
+        self._keyring: Keyring | None = None
+        self._signer: Signer | None = None
+        self._keys_mtime = 0
+        if config.keys_dir:
+            # Checked at construction: a daemon with a broken key directory must not start.
+            self._keyring = load_keyring(config.keys_dir, exclude=AGGREGATOR)
+            self._signer = load_signer(Path(config.keys_dir) / f"{AGGREGATOR}.key", AGGREGATOR)
+            self._keys_mtime = os.stat(config.keys_dir).st_mtime_ns
         self.names: list[str] = []
         self.weights: NDArrays = []
         self.spec: TensorSpec = ()
@@ -199,8 +220,8 @@ class Aggregator(BackgroundService):
     def _broadcast_stop(self, broker: Broker) -> None:
         """When the federation is over, tell the parties so they exit too."""
         if self.status.finished is not None:
-            broker.publish(self.topology.models, "",
-                           encode(Stop(self.status.version, self.status.finished)),
+            body = encode(Stop(self.status.version, self.status.finished))
+            broker.publish(self.topology.models, "", body, headers=self._signed(body),
                            persistent=False)
             self._stop_sent = True
 
@@ -322,19 +343,26 @@ class Aggregator(BackgroundService):
     def _on_control(self, d: Delivery) -> None:
         assert self._broker is not None
         try:
+            signer = self._verified(d, query_ok=True)
             msg = decode(d.body, self.config.max_message_bytes)
+            if self._keyring is not None:
+                if signer is None and not isinstance(msg, Query):
+                    raise InvalidMessage("unsigned", f"an unsigned {msg.KIND} message")
+                if signer is not None and isinstance(msg, Join | Leave | Heartbeat):
+                    check_signer(signer, msg.party)
             if isinstance(msg, Join):
                 # The join is on disk before the party hears of it, so an update it sends
                 # next can never reach a restarted aggregator that does not know it.
                 welcome = encode(self._welcome(msg))
                 self._handled(d)
                 self._commit(force=True)
-                self._broker.reply(d, welcome)
+                self._broker.reply(d, welcome, headers=self._signed(welcome))
                 return
             if isinstance(msg, Heartbeat):
                 self._heard_from(msg.party)
             elif isinstance(msg, Query):
-                self._broker.reply(d, encode(self._answer(msg)))
+                answer = encode(self._answer(msg))
+                self._broker.reply(d, answer, headers=self._signed(answer))
             elif isinstance(msg, Leave):
                 log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
                 if self.membership.leave(msg.party):
@@ -361,7 +389,8 @@ class Aggregator(BackgroundService):
         if self._broker is None or time.monotonic() - self._rejoin_asked_at < 5:
             return
         self._rejoin_asked_at = time.monotonic()
-        self._broker.publish(self.topology.models, "", encode(Query("rejoin")),
+        body = encode(Query("rejoin"))
+        self._broker.publish(self.topology.models, "", body, headers=self._signed(body),
                              persistent=False)
 
     def _answer(self, query: Query) -> Report | Model:
@@ -430,7 +459,11 @@ class Aggregator(BackgroundService):
         cfg = self.config
         began = time.perf_counter()
         try:
-            update = check_update(decode(d.body, cfg.max_message_bytes),
+            signer = self._verified(d)
+            message = decode(d.body, cfg.max_message_bytes)
+            if signer is not None:
+                check_signer(signer, str(getattr(message, "party", "")))
+            update = check_update(message,
                                   parties=self.membership.parties, spec=self.spec,
                                   version=self.status.version, max_staleness=cfg.max_staleness,
                                   last_seq=self.last_seq, max_abs=cfg.max_delta_abs)
@@ -469,6 +502,42 @@ class Aggregator(BackgroundService):
                         "version": self.status.version, "outcome": outcome.value})
         self._handled(d)
 
+    # -- authenticity ----------------------------------------------------------------------
+    def _signed(self, body: bytes) -> dict[str, str] | None:
+        """Signature headers for what the aggregator sends, when it has a key."""
+        return self._signer.headers(body) if self._signer is not None else None
+
+    def _verified(self, d: Delivery, *, query_ok: bool = False) -> str | None:
+        """The signer of a delivery, checked before its body is even decoded.
+
+        ``None`` when signing is off, or (``query_ok``) for an unsigned body small enough
+        to be a read-only status/model query from an operator, which the caller checks
+        once decoded. A signer the keyring does not know makes the key directory read
+        again if it changed since (a party added later with ``dfl admin``).
+        """
+        ring = self._keyring
+        if ring is None:
+            return None
+        if (query_ok and SIGNER_HEADER not in d.headers and SIGNATURE_HEADER not in d.headers
+                and len(d.body) <= 4096):
+            return None
+        try:
+            return ring.verify(d.body, d.headers)
+        except InvalidMessage as exc:
+            assert self.config.keys_dir is not None
+            try:
+                mtime = os.stat(self.config.keys_dir).st_mtime_ns
+            except OSError:
+                raise exc from None
+            if exc.reason != "unknown-signer" or mtime == self._keys_mtime:
+                raise
+        self._keys_mtime = mtime
+        try:
+            self._keyring = load_keyring(self.config.keys_dir, exclude=AGGREGATOR)
+        except ConfigError as exc:  # a bad file added at run time: keep the old ring
+            log.error("key directory not re-read: %s", exc)
+        return (self._keyring or ring).verify(d.body, d.headers)
+
     def _reject(self, d: Delivery, exc: InvalidMessage) -> None:
         assert self._broker is not None
         self.status.rejected[exc.reason] += 1
@@ -493,4 +562,5 @@ class Aggregator(BackgroundService):
     def _broadcast(self) -> None:
         assert self._broker is not None
         body = encode(Model(self.status.version, dict(zip(self.names, self.weights, strict=True))))
-        self._broker.publish(self.topology.models, "", body, persistent=False)
+        self._broker.publish(self.topology.models, "", body, headers=self._signed(body),
+                             persistent=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aggregator import AggregatorConfig
 from aggregator import cli as aggregator_cli
-from deploy import plot, remote
+from deploy import admin, plot, remote
 from messages.cli import (
     Formatter,
     Parser,
@@ -44,6 +44,7 @@ def _run(argv: list[str]) -> int:
     add_common_options(parser)
     aggregator_cli.add_strategy_options(parser)
     worker_cli.add_partition_options(parser)
+    worker_cli.add_privacy_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (e.g. in CI logs)")
     bind_settings(parser, AggregatorConfig, WorkerConfig, overrides=RUN_DEFAULTS)
@@ -89,6 +90,8 @@ COMMANDS = {
                lambda a: remote.export_main(a)),
     "plot": ("plot test accuracy against wall time from evaluation logs",
              lambda a: plot.main(a)),
+    "admin": ("create broker users, permissions and signing keys of parties",
+              lambda a: admin.main(a)),
 }
 
 

@@ -86,6 +86,11 @@ class DaemonSettings(BaseSettings):
         finally:
             _CONFIG_FILE.reset(token)
 
+    def __repr_args__(self) -> Any:
+        """``repr`` and ``str`` mask passwords too: settings end up in logs and tracebacks."""
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if isinstance(value, str) and "://" in value else value
+
     def effective(self) -> str:
         """The settings in force, one ``name=value`` per line, passwords masked."""
         lines = []

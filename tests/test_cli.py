@@ -30,10 +30,12 @@ def test_every_command_has_a_help_page_with_an_example(command: list[str]) -> No
 def test_the_required_options_exist_with_their_names() -> None:
     run_help = run(dfl(), "run", "--help").stdout
     for option in ("--parties", "--target-accuracy", "--max-seconds", "--eval-log",
-                   "--save-model", "--strategy", "--staleness", "--partition", "--alpha"):
+                   "--save-model", "--strategy", "--staleness", "--partition", "--alpha",
+                   "--aggregation", "--trim-fraction", "--max-update-norm"):
         assert option in run_help
     agg_help = run(dfl(), "aggregator", "--help").stdout
-    for option in ("--min-parties", "--federation", "--strategy", "--staleness"):
+    for option in ("--min-parties", "--federation", "--strategy", "--staleness",
+                   "--aggregation", "--trim-fraction", "--max-update-norm"):
         assert option in agg_help
     worker_help = run(dfl(), "worker", "--help").stdout
     for option in ("--party-id", "--num-parties", "--partition", "--alpha", "--federation"):
@@ -54,6 +56,9 @@ def test_dfl_without_a_command_lists_the_commands() -> None:
     (["aggregator", "--target-accuracy", "98"], "--target-accuracy 98.0: Input should be less"),
     (["aggregator", "--strategy", "x"], "invalid choice: 'x'"),
     (["aggregator", "--federation", "a b"], "--federation 'a b'"),
+    (["run", "--aggregation", "median"], "--aggregation median needs --strategy fedbuff"),
+    (["aggregator", "--strategy", "fedbuff", "--aggregation", "trimmed-mean", "--no-eval",
+      "--broker", "memory://", "--buffer-k", "4"], "trims nothing (floor(0.2 * 4) = 0)"),
     (["teleport"], "unknown command 'teleport'"),
 ])
 def test_a_bad_argument_gets_one_line_saying_what_is_wrong(args: list[str], expected: str

@@ -36,6 +36,10 @@ class WorkerConfig(FederationSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     join_timeout: float = Field(default=10.0, gt=0)
     slowdown: float = Field(default=1.0, ge=1)
+    # differential privacy of the outgoing deltas (worker/privacy.py)
+    dp_clip: float | None = Field(default=None, gt=0)
+    dp_noise: float = Field(default=0.0, ge=0)
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     # authenticity: this party's signing key, and the aggregator's public key
     signing_key: str | None = None
     aggregator_key: str | None = None
@@ -58,6 +62,9 @@ class WorkerConfig(FederationSettings):
         if self.signing_key and self.party_id == "auto":
             raise ValueError("--signing-key belongs to one party: give its --party-id "
                              "instead of auto")
+        if self.dp_noise > 0 and self.dp_clip is None:
+            raise ValueError(f"--dp-noise {self.dp_noise:g} needs --dp-clip: the noise is "
+                             "SIGMA times the clip norm")
         return self
 
     @property

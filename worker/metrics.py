@@ -29,4 +29,7 @@ class WorkerMetrics(MetricsEndpoint):
                                    "Newest global model version this party has", registry=r)
         self.updates_sent = Counter("dfl_worker_updates_sent",
                                     "Updates the broker confirmed", registry=r)
+        self.epsilon = Gauge("dfl_worker_dp_epsilon",
+                             "Differential-privacy epsilon spent by the updates sent "
+                             "(with --dp-noise)", registry=r)
         self.serve(port)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from worker.metrics import WorkerMetrics
 from worker.partition import partition_indices
 
 if TYPE_CHECKING:
+    from worker.privacy import PrivacyFilter
     from worker.training import LocalTrainer
 
 log = logging.getLogger("dfl.worker")
@@ -63,6 +65,7 @@ class WorkerStats:
     model_version: int = -1
     rejected_publishes: int = 0
     stopped_by: str = ""
+    epsilon: float = 0.0  # privacy spent so far, with --dp-clip/--dp-noise
 
 
 class Worker(BackgroundService):
@@ -93,6 +96,12 @@ class Worker(BackgroundService):
                                        if config.signing_key else None)
         self._trust: Keyring | None = (aggregator_keyring(config.aggregator_key)
                                        if config.aggregator_key else None)
+        self._privacy: PrivacyFilter | None = None
+        if config.dp_clip is not None:
+            from worker.privacy import PrivacyFilter  # dp-accounting only when asked for
+
+            # unseeded on purpose: noise derived from --seed could be regenerated and removed
+            self._privacy = PrivacyFilter(config.dp_clip, config.dp_noise, config.dp_delta)
 
     # -- public API ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -276,6 +285,12 @@ class Worker(BackgroundService):
                 if result is None:  # interrupted by stop
                     break
                 delta, metrics = result
+                if self._privacy is not None:
+                    delta = self._privacy.apply(delta)
+                    self.stats.epsilon = self._privacy.epsilon
+                    if math.isfinite(self.stats.epsilon):
+                        metrics["epsilon"] = self.stats.epsilon
+                        self.metrics.epsilon.set(self.stats.epsilon)
                 self.metrics.train_seconds.observe(metrics["train_seconds"])
                 update = Update(self.config.party, self._next_seq, base_version,
                                 len(trainer.y), dict(zip(trainer.names, delta, strict=True)),
@@ -330,7 +345,11 @@ class Worker(BackgroundService):
         if self.config.ledger:
             with open(self.config.ledger, "a") as f:
                 f.write(json.dumps({"party": self.config.party, "seq": seq}) + "\n")
-        log.info("party %s sent update %d", self.config.party, seq)
+        if self._privacy is None:
+            log.info("party %s sent update %d", self.config.party, seq)
+        else:
+            log.info("party %s sent update %d (privacy spent: epsilon %.4g at delta %g)",
+                     self.config.party, seq, self.stats.epsilon, self.config.dp_delta)
 
     def _heartbeat(self, broker: Broker) -> None:
         """Renew the lease when it is due (called from every waiting loop)."""
