@@ -108,6 +108,9 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
                    help="checkpoint after this many handled messages (at most --prefetch)")
     d.add_argument("--checkpoint-every-seconds", type=float, metavar="S",
                    help="... or when the oldest unacked message is this old")
+    d.add_argument("--broadcast-interval", type=float, metavar="S",
+                   help="send the newest model at most every S seconds (default 0.1): "
+                        "versions applied in between are skipped, parties train on the newest")
     d.add_argument("--prefetch", type=int,
                    help="unacked messages the broker may push to the aggregator")
     d.add_argument("--lease-seconds", type=float,

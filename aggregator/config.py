@@ -52,6 +52,7 @@ class AggregatorConfig(FederationSettings):
     checkpoint_every_seconds: float = Field(default=2.0, gt=0)
     # authenticity: party public keys / HMAC secrets and the aggregator's own signing key
     keys_dir: str | None = None
+    broadcast_interval: float = Field(default=0.1, ge=0)
     # broker tuning (the shared settings are in FederationSettings)
     prefetch: int = Field(default=16, ge=1)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from messages.allocator import keep_large_buffers
 from messages.codec import decode, encode
 from messages.kinds import Update
 from messages.types import Tensors
@@ -92,12 +93,20 @@ def main(argv: list[str] | None = None) -> int:
           f"numpy {np.__version__}; GB/s of tensor bytes, best of {ns.repeat}")
     header = (f"{'params':>8} {'MB':>7} {'codec':>7} {'memcpy':>7} {'pickle5':>8} {'np.save':>8}"
               f"  {'x memcpy':>8} {'x pickle':>8} {'x np.save':>9}")
-    print(header)
-    for size in (float(s) for s in ns.sizes.split(",")):
-        r = measure(size, ns.repeat)
-        print(f"{size:>7}M {r['bytes'] / 1e6:7.1f} {r['codec']:7.2f} {r['memcpy']:7.2f} "
-              f"{r['pickle5']:8.2f} {r['npsave']:8.2f}  {r['codec'] / r['memcpy']:8.2f} "
-              f"{r['codec'] / r['pickle5']:8.2f} {r['codec'] / r['npsave']:9.2f}")
+    # First with glibc's default malloc, then as the daemons run (messages.allocator): the
+    # tuning cannot be undone in a process, so the default comes first.
+    for tuned in (False, True):
+        if tuned and not keep_large_buffers():
+            print("no glibc mallopt here: the daemons' allocator tuning does not apply")
+            break
+        print("\nmalloc as the daemons tune it (freed buffers reused)" if tuned
+              else "\nglibc malloc defaults (buffers over 32 MiB are fresh mmap pages)")
+        print(header)
+        for size in (float(s) for s in ns.sizes.split(",")):
+            r = measure(size, ns.repeat)
+            print(f"{size:>7}M {r['bytes'] / 1e6:7.1f} {r['codec']:7.2f} {r['memcpy']:7.2f} "
+                  f"{r['pickle5']:8.2f} {r['npsave']:8.2f}  {r['codec'] / r['memcpy']:8.2f} "
+                  f"{r['codec'] / r['pickle5']:8.2f} {r['codec'] / r['npsave']:9.2f}")
     return 0
 
 

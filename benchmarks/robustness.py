@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tabulate import tabulate
 
-from aggregator import Aggregator, AggregatorConfig
+from aggregator import AggregatorConfig
+from deploy.launcher import run_federation
 from messages.types import NDArrays
 from worker import Worker, WorkerConfig
 
@@ -109,25 +110,17 @@ def run(scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
                               "model": args.model, "data": "worker.data:load_mnist"}
     if args.data_dir:  # else DFL_DATA_DIR, read by the settings themselves
         shared["data_dir"] = args.data_dir
-    agg = Aggregator(AggregatorConfig(
+    def make(config: WorkerConfig) -> Worker:
+        if scenario.attacked and config.party_id == MALICIOUS_PARTY:
+            return MaliciousWorker(config, args.factor)
+        return Worker(config)
+
+    agg = run_federation(AggregatorConfig(
         **shared, strategy=scenario.strategy, buffer_k=args.buffer_k,
         min_parties=args.parties, max_seconds=args.seconds, local_steps=args.local_steps,
-        eval_every_seconds=max(args.seconds / 3, 5.0), **scenario.options)).start()
-    workers: list[Worker] = []
-    try:
-        for i in range(args.parties):
-            config = WorkerConfig(**shared, party_id=i, num_parties=args.parties)
-            malicious = scenario.attacked and i == MALICIOUS_PARTY
-            workers.append((MaliciousWorker(config, args.factor) if malicious
-                            else Worker(config)).start())
-        agg.wait(args.seconds + 600)
-    finally:
-        agg.stop()
-        agg.wait(60)
-        for w in workers:
-            w.stop()
-        for w in workers:  # every party is gone before the next scenario starts
-            w.wait(60)
+        eval_every_seconds=max(args.seconds / 3, 5.0), **scenario.options),
+        [WorkerConfig(**shared, party_id=i, num_parties=args.parties)
+         for i in range(args.parties)], progress=False, make_worker=make)
     last = agg.history[-1] if agg.history else None
     return {"versions": agg.status.version, "updates": agg.status.updates,
             "accuracy": None if last is None else float(last["accuracy"])}

@@ -13,8 +13,11 @@ last, so start-up is not counted.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import multiprocessing as mp
+import pstats
 import tempfile
+import threading
 import time
 import uuid
 
@@ -54,8 +57,10 @@ def raw(url: str, bodies: list[bytes], queue_type: str) -> float:
     return times[-1] - times[0]
 
 
-def aggregated(url: str, millions: float, count: int, strategy: str, queue_type: str) -> float:
-    """Seconds from the first to the last applied update of a queue filled beforehand."""
+def aggregated(url: str, millions: float, count: int, strategy: str, queue_type: str,
+               profile: cProfile.Profile | None = None) -> float:
+    """Seconds from the first to the last applied update of a queue filled beforehand
+    (the aggregator runs on this thread, so ``profile`` sees all of its work)."""
     federation = f"bench{uuid.uuid4().hex[:8]}"
     tensors = tensors_of(millions)
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -78,15 +83,26 @@ def aggregated(url: str, millions: float, count: int, strategy: str, queue_type:
                                                    args=(url, topology.updates, bodies))
             proc.start()
             proc.join()
-            agg = Aggregator(config).start()  # resumes, then drains the full queue
-            while agg.status.updates == 0:
-                time.sleep(0.001)
-            first = time.perf_counter()
-            while agg.status.updates < count:
-                time.sleep(0.001)
-            last = time.perf_counter()
-            agg.stop()
-            agg.wait(60)
+            agg = Aggregator(config)  # resumes, then drains the full queue
+            times: list[float] = []
+
+            def watch() -> None:
+                while agg.status.updates == 0:
+                    time.sleep(0.001)
+                times.append(time.perf_counter())
+                while agg.status.updates < count:
+                    time.sleep(0.001)
+                times.append(time.perf_counter())
+                agg.stop()
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            if profile is None:
+                agg.run()
+            else:
+                profile.runcall(agg.run)
+            watcher.join()
+            first, last = times
             for q in (topology.updates, topology.control, topology.dead):
                 broker.delete_queue(q)
     return (last - first) * count / (count - 1)
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=float, default=1.2, help="millions of parameters")
     parser.add_argument("--count", type=int, default=150, help="messages per measurement")
     parser.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"))
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each aggregator run: where its time goes")
     ns = parser.parse_args(argv)
     body = encode(Update("bench", 0, 0, 100, tensors_of(ns.params)))
     mb = len(body) / 1e6
@@ -108,11 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     base_rate = (ns.count - 1) / base
     print(f"{'raw pika consume+ack':<28} {base_rate:8.1f} msg/s {base_rate * mb:8.1f} MB/s   1.00x")
     for strategy in ("fedasync", "fedbuff"):
-        seconds = aggregated(ns.broker, ns.params, ns.count, strategy, ns.queue_type)
+        profile = cProfile.Profile() if ns.profile else None
+        seconds = aggregated(ns.broker, ns.params, ns.count, strategy, ns.queue_type, profile)
         rate = ns.count / seconds
         print(f"{'aggregator ' + strategy:<28} {rate:8.1f} upd/s {rate * mb:8.1f} MB/s "
               f"{rate / base_rate:6.2f}x")
+        if profile is not None:
+            breakdown(profile, ns.count)
     return 0
+
+
+STAGES = {  # (file suffix, function) -> stage; cumulative time per stage
+    ("messages/codec.py", "decode"): "decode",
+    ("aggregator/validation.py", "check_update"): "validate",
+    ("aggregator/strategies.py", "offer"): "apply",
+    ("aggregator/service.py", "_broadcast"): "broadcast",
+    ("aggregator/service.py", "_commit"): "checkpoint + ack",
+    ("messages/rabbitmq.py", "process_events"): "broker I/O (all handlers inside)",
+}
+
+
+def breakdown(profile: cProfile.Profile, count: int) -> None:
+    """Milliseconds per update spent in each stage (cumulative, profiler overhead included)."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    for (path, _line, func), (_cc, _nc, _tt, cumulative, _callers) in stats.items():
+        for (suffix, name), stage in STAGES.items():
+            if path.endswith(suffix) and func == name:
+                print(f"    {stage:<34} {cumulative / count * 1e3:7.2f} ms/update")
 
 
 if __name__ == "__main__":

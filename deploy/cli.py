@@ -45,6 +45,7 @@ def _run(argv: list[str]) -> int:
     aggregator_cli.add_strategy_options(parser)
     worker_cli.add_partition_options(parser)
     worker_cli.add_privacy_options(parser)
+    worker_cli.add_compression_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (e.g. in CI logs)")
     bind_settings(parser, AggregatorConfig, WorkerConfig, overrides=RUN_DEFAULTS)

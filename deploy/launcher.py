@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -20,15 +20,17 @@ log = logging.getLogger("dfl.run")
 
 
 def run_federation(aggregator_config: AggregatorConfig, worker_configs: Sequence[WorkerConfig],
-                   *, progress: bool = True) -> Aggregator:
+                   *, progress: bool = True,
+                   make_worker: Callable[[WorkerConfig], Worker] = Worker) -> Aggregator:
     """Start the aggregator and the parties, show progress, wait for the end.
 
-    Returns the finished aggregator (``history``, ``status``, ``global_model()``). Ctrl-C
-    finishes early but still evaluates and saves the final model. A party that fails stops
-    the run with its error.
+    Returns the finished aggregator (``history``, ``status``, ``global_model()``); every
+    party has stopped by then. Ctrl-C finishes early but still evaluates and saves the
+    final model. A party that fails stops the run with its error. ``make_worker`` builds
+    each party (benchmarks pass subclasses that measure or misbehave).
     """
     aggregator = Aggregator(aggregator_config).start()
-    workers = [Worker(c).start() for c in worker_configs]
+    workers = [make_worker(c).start() for c in worker_configs]
     bar = tqdm(total=aggregator_config.max_versions, unit="version", desc="federation",
                disable=not progress, dynamic_ncols=True)
     try:

@@ -13,6 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from messages.broker import connect, mask_url
+from messages.chunked import ChunkedBroker
 from messages.cli import Formatter, Parser, fail
 from messages.codec import decode, encode
 from messages.errors import FederationError, PublishRejected
@@ -58,7 +59,7 @@ def _parser(prog: str, description: str) -> Parser:
 def ask(broker_url: str, federation: str, what: str, timeout: float) -> Message:
     """Send a query to the federation's aggregator and return its answer."""
     topology = Topology(federation)
-    with connect(broker_url) as broker:
+    with ChunkedBroker(connect(broker_url)) as broker:  # a big model is answered in chunks
         try:
             reply = broker.call(topology.control, encode(Query(what)), timeout=timeout,
                                  exchange=topology.ingress)
@@ -77,8 +78,13 @@ def status_table(data: dict[str, Any]) -> str:
             f"{data['active_parties']} active parties, accuracy {data['accuracy']}")
     rows = [[p["party"], p["state"], f"{p['last_seen_seconds']} s ago", p["updates"],
              p["mean_staleness"], p["local_accuracy"], p["lag"]] for p in data["parties"]]
-    table = tabulate(rows, headers=["party", "state", "last seen", "updates",
-                                    "mean staleness", "local accuracy", "lag"])
+    headers = ["party", "state", "last seen", "updates", "mean staleness", "local accuracy",
+               "lag"]
+    if any(p.get("epsilon") is not None for p in data["parties"]):  # parties with --dp-noise
+        headers.append("epsilon")
+        for row, p in zip(rows, data["parties"], strict=True):
+            row.append(p.get("epsilon"))
+    table = tabulate(rows, headers=headers)
     dead = ", ".join(f"{k}: {v}" for k, v in data["dead_lettered"].items()) or "none"
     return f"{head}\n\n{table}\n\ndead-lettered: {dead}; duplicates dropped: {data['duplicates']}"
 

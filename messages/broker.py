@@ -13,12 +13,15 @@ consumer handlers run. Other threads hand work to that thread with ``call_soon_t
 from __future__ import annotations
 
 import abc
+import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from messages.errors import ConfigError
+from messages.errors import ConfigError, RpcTimeout
 from messages.tls import TLS_PARAMS, parse_options, split_url
 
 Headers = dict[str, Any]
@@ -36,6 +39,9 @@ class Delivery:
     redelivered: bool = False
     reply_to: str | None = None
     correlation_id: str | None = None
+    parts: tuple[Delivery, ...] = ()
+    """For a message reassembled from chunks (``messages.chunked``): the chunk deliveries it
+    stands for. Acking or nacking it settles them."""
 
 
 def check_headers(headers: Mapping[str, Any] | None) -> Headers:
@@ -51,6 +57,11 @@ class Broker(abc.ABC):
     """One connection + channel to a message broker. See the module docstring."""
 
     url: str
+
+    def __init__(self) -> None:
+        # RPC replies by correlation id, for the calls still waiting (a reply may come in
+        # several parts: see messages.chunked); replies to no waiting call are dropped.
+        self._replies: dict[str, deque[Delivery]] = {}
 
     # -- topology --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -121,7 +132,6 @@ class Broker(abc.ABC):
         """Take one message without a consumer (auto-acked); ``None`` when empty."""
 
     # -- request/reply ---------------------------------------------------------------------
-    @abc.abstractmethod
     def call(self, queue: str, body: bytes, *, timeout: float,
              headers: Mapping[str, Any] | None = None, exchange: str = "") -> Delivery:
         """Send ``body`` to ``queue`` and wait for the reply (``RpcTimeout`` after ``timeout``).
@@ -131,6 +141,47 @@ class Broker(abc.ABC):
 
         The server answers with ``reply(request, body)``.
         """
+        cid = uuid.uuid4().hex
+        address = self.reply_address()
+        self.expect_reply(cid)
+        try:
+            self.publish(exchange, queue, body, headers=headers, persistent=False,
+                         mandatory=True, reply_to=address, correlation_id=cid)
+            return self.next_reply(cid, time.monotonic() + timeout,
+                                   f"no reply from {queue!r} within {timeout:g} s")
+        finally:
+            self.forget_reply(cid)
+
+    @abc.abstractmethod
+    def reply_address(self) -> str:
+        """The ``reply_to`` of this connection's requests (its reply consumer starts on first
+        use)."""
+
+    def expect_reply(self, correlation_id: str) -> None:
+        """Keep the replies to ``correlation_id`` for ``next_reply`` (until ``forget_reply``)."""
+        self._replies[correlation_id] = deque()
+
+    def forget_reply(self, correlation_id: str) -> None:
+        """Stop keeping replies to ``correlation_id``; later ones are dropped."""
+        self._replies.pop(correlation_id, None)
+
+    def next_reply(self, correlation_id: str, deadline: float, timeout_text: str) -> Delivery:
+        """The next reply to ``correlation_id`` (see ``expect_reply``), servicing the
+        connection until it comes; ``RpcTimeout(timeout_text)`` at ``deadline``
+        (``time.monotonic()``)."""
+        box = self._replies[correlation_id]
+        while not box:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RpcTimeout(timeout_text)
+            self.process_events(min(remaining, 1.0))
+        return box.popleft()
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        """The reply consumer's handler: file a reply under the call waiting for it."""
+        box = self._replies.get(delivery.correlation_id or "")
+        if box is not None:
+            box.append(delivery)
 
     def reply(self, request: Delivery, body: bytes, *,
               headers: Mapping[str, Any] | None = None) -> None:
@@ -185,6 +236,13 @@ def check_broker_url(url: str) -> str:
         raise ConfigError(f"--broker {mask_url(url)!r}: use memory:// or "
                           "amqp://user:pass@host:5672/vhost (amqps:// for TLS)")
     if scheme == "memory":
+        for name, values in parse_qs(urlparse(url).query, keep_blank_values=True).items():
+            if name != "max_message_bytes":
+                raise ConfigError(f"--broker: unknown URL parameter {name!r}; memory:// takes "
+                                  "max_message_bytes")
+            if not values[-1].isdigit() or int(values[-1]) < 1:
+                raise ConfigError(f"--broker: max_message_bytes={values[-1]!r}: give a "
+                                  "positive number of bytes")
         return url
     rest, tls = split_url(url)
     allowed = AMQP_PARAMS + (TLS_PARAMS if scheme == "amqps" else ())
@@ -199,7 +257,8 @@ def check_broker_url(url: str) -> str:
 
 
 def connect(url: str, **options: Any) -> Broker:
-    """Open a broker connection for ``url``: ``memory://[name]``, ``amqp://`` or ``amqps://``.
+    """Open a broker connection for ``url``: ``memory://[name][?max_message_bytes=N]``,
+    ``amqp://`` or ``amqps://``.
 
     Raises ``ConfigError`` for other schemes, unknown URL parameters or missing TLS files,
     ``ConnectionLost`` when the broker cannot be reached (retrying may help) and

@@ -62,6 +62,16 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--updates-max-length", type=int, metavar="N",
                    help="bound the updates queue (reject-publish: parties back off and retry); "
                         "every process of a federation must give the same value")
+    g.add_argument("--max-message-bytes", type=int, metavar="N",
+                   help="largest message body accepted (a whole update or model, however "
+                        "many chunks it travels in)")
+    g.add_argument("--max-chunk-bytes", type=int, metavar="N",
+                   help="bodies over N bytes travel in chunks of at most N, reassembled and "
+                        "SHA-256-checked by the receiver; keep it under the broker's "
+                        "max_message_size (RabbitMQ 4.x: 16 MiB)")
+    g.add_argument("--chunk-timeout", type=float, metavar="S",
+                   help="discard (dead-letter, never apply) an incomplete chunk set that got "
+                        "no chunk for S seconds")
     o = parser.add_argument_group("logging")
     o.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="log verbosity")

@@ -3,7 +3,11 @@
 Wire format: one msgpack map ``{"v": SCHEMA_VERSION, "kind": ..., <fields>}``. Tensors travel
 as ``[name, dtype, shape, raw little-endian bytes]``; decoding wraps the bytes msgpack hands
 back with ``np.frombuffer``, so tensor data is not copied again (the arrays are read-only
-views). No pickle anywhere: a message from the network is data, never code.
+views). No pickle anywhere: a message from the network is data, never code. An update whose
+``encoding`` is float16, int8 or topk carries that encoding's entries instead (see
+``messages.compression``); they are decoded into new dense float32 arrays right here, so
+nothing past ``decode`` ever sees a compressed delta. The ``encoding`` field is optional
+(float32), so bodies from before compression existed decode unchanged.
 
 Every problem with a body raises ``InvalidMessage`` with a reason slug that becomes the
 dead-letter header; nothing else escapes ``decode``.
@@ -12,13 +16,16 @@ dead-letter header; nothing else escapes ``decode``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from messages import compression
+from messages.compression import Packed
 from messages.errors import InvalidMessage
 from messages.kinds import KINDS, Join, Message, Model, Update
 from messages.types import NDArray, Settings, Tensors
@@ -31,18 +38,59 @@ ALLOWED_DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(name).newbyteorder("<")
     for name in ("float32", "float16", "float64", "int8", "uint8", "int32", "int64")
 }
-ENCODINGS = frozenset({"float32"})
+ENCODINGS = frozenset(compression.ENCODINGS)
 MAX_SAMPLES = 10**9
 """Bigger declared sample counts are absurd and would let one party outweigh everyone."""
 
 
-def encode(msg: Message) -> bytes:
-    """Serialize a message; tensors are packed from their buffers without an extra copy."""
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": msg.KIND}
-    for f in dataclasses.fields(msg):
+def encode(msg: Message, *, packed: Mapping[str, Packed] | None = None) -> bytes:
+    """Serialize a message; tensors are packed from their buffers without an extra copy.
+
+    An ``Update`` whose ``encoding`` is not float32 sends its delta in that encoding (see
+    ``messages.compression``): ``packed`` gives the tensors already encoded (a party's
+    error-feedback compressor does), in which case they travel instead of ``msg.tensors``;
+    without it each tensor of ``msg.tensors`` is encoded here with the defaults.
+    """
+    fields = dataclasses.fields(msg)
+    packer = msgpack.Packer(use_bin_type=True)
+    # Everything but tensor data is packed as usual into small pieces; each tensor's bytes
+    # join them as a buffer, so the one copy of the data is b"".join's into the body
+    # (msgpack's own buffer would grow by doubling and then be copied out again).
+    parts: list[bytes | memoryview] = [packer.pack_map_header(2 + len(fields)),
+                                       packer.pack("v"), packer.pack(SCHEMA_VERSION),
+                                       packer.pack("kind"), packer.pack(msg.KIND)]
+    for f in fields:
         value = getattr(msg, f.name)
-        body[f.name] = _pack_tensors(value) if f.type == "Tensors" else value
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+        parts.append(packer.pack(f.name))
+        if f.type != "Tensors":
+            parts.append(packer.pack(value))
+            continue
+        entries = (_pack_tensors(value) if packed is None and getattr(
+            msg, "encoding", "float32") == "float32" else _pack_encoded(msg, packed))
+        parts.append(packer.pack_array_header(len(entries)))
+        for entry in entries:
+            parts.append(packer.pack_array_header(len(entry)))
+            for x in entry:
+                if isinstance(x, memoryview):  # bin 32 header, then the raw bytes
+                    parts += [b"\xc6" + x.nbytes.to_bytes(4, "big"), x]
+                else:
+                    parts.append(packer.pack(x))
+    return b"".join(parts)
+
+
+def _pack_encoded(msg: Message, packed: Mapping[str, Packed] | None) -> list[list[Any]]:
+    if not isinstance(msg, Update):
+        raise TypeError(f"only an update's tensors are encoded, not a {msg.KIND}'s")
+    if msg.encoding not in ENCODINGS:
+        raise InvalidMessage("bad-encoding", f"encoding {msg.encoding!r} is not one of "
+                                             f"{sorted(ENCODINGS)}")
+    if packed is None:
+        packed = {name: compression.pack(a, msg.encoding) for name, a in msg.tensors.items()}
+    for name, p in packed.items():
+        if p.encoding != msg.encoding:
+            raise ValueError(f"tensor {name!r} is packed as {p.encoding}, the update says "
+                             f"{msg.encoding}")
+    return [p.entry(name) for name, p in packed.items()]
 
 
 def _pack_tensors(tensors: Tensors) -> list[list[Any]]:
@@ -80,21 +128,24 @@ def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
     if cls is None:
         raise InvalidMessage("unknown-kind", f"kind {kind!r}")
     try:
-        return _build(cls, raw)
+        return _build(cls, raw, max_bytes)
     except InvalidMessage:
         raise
     except Exception as exc:  # a gap in the checks above must not take a daemon down
         raise InvalidMessage("bad-value", f"{type(exc).__name__}: {exc}"[:200]) from None
 
 
-def _build(cls: type[Message], raw: dict[str, Any]) -> Message:
+def _build(cls: type[Message], raw: dict[str, Any], max_bytes: int) -> Message:
+    checkers = _CHECKERS
+    if cls is Update and raw.get("encoding", "float32") != "float32":
+        checkers = _encoded_checkers(raw["encoding"], max_bytes)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise InvalidMessage("missing-field", f"{cls.KIND} needs {f.name!r}")
             continue
-        check = _CHECKERS[str(f.type)]
+        check = checkers[str(f.type)]
         values[f.name] = check(f.name, raw[f.name])
     msg = cls(**values)
     _check_values(msg)
@@ -177,6 +228,34 @@ def _tensors(name: str, x: Any) -> Tensors:
             raise InvalidMessage("bad-shape", f"tensor {tname!r}: {exc}") from None
         if dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidMessage("non-finite", f"tensor {tname!r} holds NaN or Inf")
+        out[tname] = array
+    return out
+
+
+def _encoded_checkers(encoding: Any, max_bytes: int) -> dict[str, Callable[[str, Any], Any]]:
+    """The checkers of an update in a compressed encoding: its tensors decode to float32.
+
+    The encoding is checked first, since it says how to read the tensors.
+    """
+    if _str("encoding", encoding) not in ENCODINGS:
+        raise InvalidMessage("bad-encoding", f"encoding {encoding!r} is not one of "
+                                             f"{sorted(ENCODINGS)}")
+    return {**_CHECKERS, "Tensors": functools.partial(_encoded_tensors, encoding=encoding,
+                                                      max_bytes=max_bytes)}
+
+
+def _encoded_tensors(name: str, x: Any, *, encoding: str, max_bytes: int) -> Tensors:
+    """Dense float32 tensors from compressed entries, at most ``max_bytes`` of them in all
+    (what the same update could be in float32), however small the entries are."""
+    if not isinstance(x, list):
+        raise _wrong(name, f"a list of {encoding} tensor entries", x)
+    out: Tensors = {}
+    budget = max_bytes
+    for item in x:
+        tname, array = compression.unpack(encoding, item, budget)
+        if tname in out:
+            raise InvalidMessage("bad-tensor", f"tensor name {tname!r} is not unique")
+        budget -= array.nbytes
         out[tname] = array
     return out
 

@@ -3,9 +3,11 @@
 Exchanges (fanout, direct and the default exchange), durable/exclusive/auto-delete queues,
 manual acks with per-consumer prefetch, requeue and redelivery of unacked messages when a
 connection closes, dead-lettering (``x-dead-letter-exchange``, with an ``x-death`` header as
-RabbitMQ writes it), and ``x-max-length`` with ``drop-head`` or ``reject-publish`` overflow.
-It is the embedded broker of a one-machine run, and the contract tests hold it to the same
-assertions as RabbitMQ.
+RabbitMQ writes it), ``x-max-length`` with ``drop-head`` or ``reject-publish`` overflow, and,
+with ``memory://name?max_message_bytes=N``, a refusal of bodies over N bytes (RabbitMQ's
+``max_message_size``: 16 MiB by default on 4.x), so tests prove that big messages are
+chunked (``messages.chunking``) before they reach the broker. It is the embedded broker of a
+one-machine run, and the contract tests hold it to the same assertions as RabbitMQ.
 
 Every ``MemoryBroker`` is one connection to a named in-process server (``memory://`` or
 ``memory://name``); connections made from different threads of one process meet there.
@@ -21,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from messages.broker import Broker, Delivery, Handler, check_headers
 from messages.errors import (
@@ -30,7 +32,6 @@ from messages.errors import (
     ConnectionLost,
     PublishRejected,
     ResourceLocked,
-    RpcTimeout,
 )
 
 
@@ -99,8 +100,12 @@ class MemoryBroker(Broker):
     """One connection to an in-process server; see the module docstring."""
 
     def __init__(self, url: str = "memory://") -> None:
+        super().__init__()
         self.url = url
-        self._server = _server(urlparse(url).netloc)
+        parts = urlparse(url)
+        self._server = _server(parts.netloc)
+        limit = parse_qs(parts.query).get("max_message_bytes")
+        self.max_message_bytes = int(limit[-1]) if limit else None
         self._cond = threading.Condition()
         self._inbox: deque[tuple[Handler, Delivery]] = deque()
         self._callbacks: deque[Callable[[], None]] = deque()
@@ -108,7 +113,6 @@ class MemoryBroker(Broker):
         self._consumers: dict[str, _Consumer] = {}
         self._tags = itertools.count(1)
         self._reply_queue: str | None = None
-        self._replies: dict[str, Delivery] = {}
         self._closed = False
 
     # -- topology --------------------------------------------------------------------------
@@ -171,6 +175,10 @@ class MemoryBroker(Broker):
                 mandatory: bool = False, reply_to: str | None = None,
                 correlation_id: str | None = None) -> None:
         self._check_open()
+        if self.max_message_bytes is not None and len(body) > self.max_message_bytes:
+            # what RabbitMQ does: the channel is closed with 406 PRECONDITION_FAILED
+            raise AccessRefused(f"PRECONDITION_FAILED: message size {len(body)} is larger than "
+                                f"configured max size {self.max_message_bytes}")
         msg = _Message(bytes(body), exchange, routing_key, check_headers(headers), reply_to,
                        correlation_id)
         with self._server.lock:
@@ -310,27 +318,13 @@ class MemoryBroker(Broker):
                             msg.redelivered, msg.reply_to, msg.correlation_id)
 
     # -- request/reply ---------------------------------------------------------------------
-    def call(self, queue: str, body: bytes, *, timeout: float,
-             headers: Mapping[str, Any] | None = None, exchange: str = "") -> Delivery:
+    def reply_address(self) -> str:
         if self._reply_queue is None:
             name = f"amq.gen-{uuid.uuid4().hex}"
             self.declare_queue(name, durable=False, exclusive=True, auto_delete=True)
             self.consume(name, self._on_reply, auto_ack=True)
             self._reply_queue = name
-        cid = uuid.uuid4().hex
-        self.publish(exchange, queue, body, headers=headers, persistent=False, mandatory=True,
-                     reply_to=self._reply_queue, correlation_id=cid)
-        deadline = time.monotonic() + timeout
-        while cid not in self._replies:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RpcTimeout(f"no reply from {queue!r} within {timeout:g} s")
-            self.process_events(remaining)
-        return self._replies.pop(cid)
-
-    def _on_reply(self, delivery: Delivery) -> None:
-        if delivery.correlation_id:
-            self._replies[delivery.correlation_id] = delivery
+        return self._reply_queue
 
     # -- event loop ------------------------------------------------------------------------
     def process_events(self, timeout: float) -> None:

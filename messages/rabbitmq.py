@@ -10,8 +10,6 @@ never catch pika types. ``amqps://`` URLs carry their TLS settings as query para
 from __future__ import annotations
 
 import ssl
-import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +27,6 @@ from messages.errors import (
     ConnectionLost,
     PublishRejected,
     ResourceLocked,
-    RpcTimeout,
     TLSRefused,
 )
 
@@ -73,6 +70,7 @@ class RabbitBroker(Broker):
     def __init__(self, url: str, *, heartbeat: int | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         """Connect to ``url``; ``ssl_context`` replaces the one built from its TLS parameters."""
+        super().__init__()
         self.url = url
         pika_url, tls_params = tls.split_url(check_broker_url(url))
         try:
@@ -96,7 +94,6 @@ class RabbitBroker(Broker):
             self._conn = self._open(params, options)
             self._ch = self._conn.channel()
             self._ch.confirm_delivery()
-        self._replies: dict[str, Delivery] = {}
         self._replying = False
 
     @staticmethod
@@ -222,27 +219,13 @@ class RabbitBroker(Broker):
                         bool(method.redelivered), props.reply_to, props.correlation_id)
 
     # -- request/reply ---------------------------------------------------------------------
-    def call(self, queue: str, body: bytes, *, timeout: float,
-             headers: Mapping[str, Any] | None = None, exchange: str = "") -> Delivery:
+    def reply_address(self) -> str:
         if not self._replying:
             # Direct reply-to: no reply queue to declare; the consumer must exist before the
             # request is published.
             self.consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
             self._replying = True
-        cid = uuid.uuid4().hex
-        self.publish(exchange, queue, body, headers=headers, persistent=False, mandatory=True,
-                     reply_to=DIRECT_REPLY_TO, correlation_id=cid)
-        deadline = time.monotonic() + timeout
-        while cid not in self._replies:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RpcTimeout(f"no reply from {queue!r} within {timeout:g} s")
-            self.process_events(min(remaining, 1.0))
-        return self._replies.pop(cid)
-
-    def _on_reply(self, delivery: Delivery) -> None:
-        if delivery.correlation_id:
-            self._replies[delivery.correlation_id] = delivery
+        return DIRECT_REPLY_TO
 
     # -- event loop ------------------------------------------------------------------------
     def process_events(self, timeout: float) -> None:

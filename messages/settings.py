@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from messages.broker import check_broker_url, mask_url
+from messages.chunking import DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CHUNK_BYTES
 from messages.codec import DEFAULT_MAX_BYTES
 from messages.errors import ConfigError
 from messages.topology import check_name
@@ -115,6 +116,10 @@ class FederationSettings(DaemonSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     updates_max_length: int | None = Field(default=None, ge=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
+    # bodies over max_chunk_bytes travel in chunks (messages.chunking): keep it under the
+    # broker's max_message_size (16 MiB by default on RabbitMQ 4.x)
+    max_chunk_bytes: int = Field(default=DEFAULT_MAX_CHUNK_BYTES, ge=1024)
+    chunk_timeout: float = Field(default=DEFAULT_CHUNK_TIMEOUT, gt=0)
 
     @field_validator("broker")
     @classmethod

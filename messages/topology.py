@@ -9,7 +9,9 @@ Every name is prefixed by the federation id ``F`` so several federations share a
   ``F.dead``; optional max length with ``reject-publish`` (backpressure).
 - ``F.control``  durable queue for join (RPC) / leave / heartbeat, dead-letters to ``F.dead``.
 - ``F.models``   fanout exchange, aggregator -> parties; each party binds its own exclusive
-  ``F.models.<party>`` queue holding only the newest model (max-length 1, drop-head).
+  ``F.models.<party>`` queue holding only the newest model (max-length 1, drop-head), or,
+  for a model over ``--max-chunk-bytes``, the announcement of its version: such a model
+  would need several chunks, which that queue cannot hold, so parties fetch it by RPC.
 - ``F.dead``     fanout exchange + durable queue holding every rejected message, with the
   reason in the ``x-dfl-reason`` header.
 

@@ -207,6 +207,14 @@ BAD = [
     (body(num_samples=10**12), "bad-samples"),
     (body(party=""), "bad-party"),
     (body(encoding="top-k"), "bad-encoding"),
+    (body(encoding="topk", tensors=[[n, "float32", list(s), np.ones(1, "<f4").tobytes(),
+                                     np.array([99], "<u4").tobytes()] for n, s in SHAPES.items()]),
+     "bad-index"),
+    (body(encoding="topk", tensors=[[n, "float32", [1 << 20], np.ones(1, "<f4").tobytes(),
+                                     np.zeros(1, "<u4").tobytes()] for n in SHAPES]),
+     "too-large"),  # a few bytes that would decode to 4 MiB, over the 64 KiB limit
+    (body(encoding="int8", tensors=[[n, "int8", list(s), np.ones(s, "i1").tobytes(), -1.0]
+                                    for n, s in SHAPES.items()]), "bad-scale"),
     (body(metrics={"loss": float("inf")}), "non-finite"),
     (body(tensors=[[n, "float32", list(s), np.zeros(s, np.float32).tobytes()]
                    for n, s in SHAPES.items()] + [["extra", "float32", [1], b"\0" * 4]]),
@@ -234,6 +242,21 @@ def test_each_bad_update_is_dead_lettered_with_its_reason_and_changes_nothing(
     assert agg.status.rejected[reason] == 1
     client.update("a", 0, 0)  # and the service carries on
     client.pump(lambda: agg.version == 1)
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8", "topk"])
+def test_a_compressed_update_is_applied_as_its_float32_decoding(running: Any,
+                                                                 encoding: str) -> None:
+    agg, client = running
+    sent = Update("a", 0, 0, 100, {n: np.linspace(-1, 2, a.size, dtype=np.float32).reshape(
+        a.shape) for n, a in delta(0).items()}, encoding=encoding)
+    decoded = decode(encode(sent))
+    assert isinstance(decoded, Update)
+    client.send(encode(sent))
+    client.pump(lambda: agg.version == 1)
+    for w, d in zip(agg.weights, decoded.tensors.values(), strict=True):  # 1 + alpha * delta
+        np.testing.assert_array_equal(w, np.float32(1) + np.float32(0.5) * d)
+    assert client.dead == []
 
 
 def test_updates_staler_than_max_staleness_are_dead_lettered(running: Any) -> None:

@@ -71,6 +71,7 @@ WORKER_METRICS = {
     "dfl_worker_publish_seconds": "histogram",
     "dfl_worker_model_version": "gauge",
     "dfl_worker_updates_sent_total": "counter",
+    "dfl_worker_dp_epsilon": "gauge",
 }
 METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS}
 

@@ -13,6 +13,7 @@ from messages.cli import (
     bind_settings,
     run_daemon,
 )
+from messages.compression import ENCODINGS
 from worker.config import WorkerConfig
 from worker.partition import SCHEMES
 from worker.service import Worker
@@ -43,6 +44,31 @@ def add_partition_options(parser: argparse.ArgumentParser) -> None:
                    help="shards (about one class each) per party for --partition shards")
 
 
+def add_privacy_options(parser: argparse.ArgumentParser) -> None:
+    """Each party's differential privacy; shared by ``dfl worker`` and ``dfl run``."""
+    dp = parser.add_argument_group("differential privacy (party-level, added by each party)")
+    dp.add_argument("--dp-clip", type=float, metavar="C",
+                    help="clip each update's delta to this L2 norm (over all tensors)")
+    dp.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                    help="then add Gaussian noise of std SIGMA*C to every coordinate (needs "
+                         "--dp-clip); the epsilon spent is logged with each update sent")
+    dp.add_argument("--dp-delta", type=float, metavar="DELTA",
+                    help="the delta at which epsilon is reported")
+
+
+def add_compression_options(parser: argparse.ArgumentParser) -> None:
+    """How each party's deltas travel; shared by ``dfl worker`` and ``dfl run``."""
+    g = parser.add_argument_group("delta compression (lossy ones carry what they drop into "
+                                  "the next update: error feedback)")
+    g.add_argument("--encoding", choices=ENCODINGS,
+                   help="float32: as trained; float16: half precision (2x fewer bytes); int8: "
+                        "one byte per value with a scale per tensor (4x fewer); topk: only the "
+                        "--topk-fraction largest values of each tensor, with their positions")
+    g.add_argument("--topk-fraction", type=float, metavar="F",
+                   help="with --encoding topk, the fraction of each tensor's values sent "
+                        "(0.01: about 50x fewer bytes)")
+
+
 def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=Formatter)
     parser.add_argument("--party-id", metavar="ID",
@@ -59,6 +85,11 @@ def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
     parser.add_argument("--slowdown", type=float,
                         help="simulate a slower party: after each round, sleep (SLOWDOWN - 1) "
                              "times the measured training time")
+    parser.add_argument("--slowdown-sigma", type=float, metavar="SIGMA",
+                        help="draw each round's slowdown from a lognormal with median "
+                             "--slowdown and this shape (heavy-tailed, seeded stragglers)")
+    add_privacy_options(parser)
+    add_compression_options(parser)
     sec = parser.add_argument_group("security")
     sec.add_argument("--signing-key", metavar="FILE",
                      help="sign every message with this key: <id>.key (Ed25519) or "

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from messages.compression import DEFAULT_TOPK_FRACTION, Encoding
 from messages.settings import FederationSettings
 
 
@@ -36,10 +37,14 @@ class WorkerConfig(FederationSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     join_timeout: float = Field(default=10.0, gt=0)
     slowdown: float = Field(default=1.0, ge=1)
+    slowdown_sigma: float = Field(default=0.0, ge=0)
     # differential privacy of the outgoing deltas (worker/privacy.py)
     dp_clip: float | None = Field(default=None, gt=0)
     dp_noise: float = Field(default=0.0, ge=0)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    # how the deltas travel (messages/compression.py), with error feedback (worker/compression.py)
+    encoding: Encoding = "float32"
+    topk_fraction: float = Field(default=DEFAULT_TOPK_FRACTION, gt=0, le=1)
     # authenticity: this party's signing key, and the aggregator's public key
     signing_key: str | None = None
     aggregator_key: str | None = None

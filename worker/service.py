@@ -13,6 +13,7 @@ way: back off, keep servicing the connection, retry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,9 @@ from typing import TYPE_CHECKING
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
+from messages.allocator import keep_large_buffers
 from messages.broker import Broker, Delivery, connect
+from messages.chunked import chunked
 from messages.codec import SCHEMA_VERSION, decode, encode
 from messages.errors import (
     ConnectionLost,
@@ -42,6 +45,7 @@ from messages.signing import AGGREGATOR, Keyring, Signer, aggregator_keyring, lo
 from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Settings
+from worker.compression import DeltaCompressor
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.partition import partition_indices
@@ -66,6 +70,7 @@ class WorkerStats:
     rejected_publishes: int = 0
     stopped_by: str = ""
     epsilon: float = 0.0  # privacy spent so far, with --dp-clip/--dp-noise
+    update_bytes: int = 0  # encoded bodies of the updates sent, in all (see --encoding)
 
 
 class Worker(BackgroundService):
@@ -89,6 +94,7 @@ class Worker(BackgroundService):
         self._last_base = -1
         self._claimed = False
         self._rejoin = False
+        self._announced: int | None = None  # a model version too big for the model queue
         self._next_beat = 0.0
         self._settings: Settings = {}
         # Key files are read here so that a bad path stops the daemon before it connects.
@@ -102,6 +108,9 @@ class Worker(BackgroundService):
 
             # unseeded on purpose: noise derived from --seed could be regenerated and removed
             self._privacy = PrivacyFilter(config.dp_clip, config.dp_noise, config.dp_delta)
+        # lossy encodings keep what they dropped for the next update (error feedback)
+        self._compressor = (DeltaCompressor(config.encoding, config.topk_fraction)
+                            if config.encoding != "float32" else None)
 
     # -- public API ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -114,6 +123,7 @@ class Worker(BackgroundService):
 
     # -- the daemon loop -------------------------------------------------------------------
     def run(self) -> WorkerStats:
+        keep_large_buffers()
         cfg = self.config
         if cfg.metrics_port is not None:
             self.metrics = WorkerMetrics(cfg.metrics_port)
@@ -145,7 +155,8 @@ class Worker(BackgroundService):
         log.info("party %d: %d training samples (%s partition)", party_id, len(shard),
                  cfg.partition)
         return LocalTrainer(cfg.model, data.x_train[shard], data.y_train[shard],
-                            seed=cfg.seed + party_id, slowdown=cfg.slowdown)
+                            seed=cfg.seed + party_id, slowdown=cfg.slowdown,
+                            slowdown_sigma=cfg.slowdown_sigma)
 
     def _session(self, connected: Callable[[], None]) -> None:
         cfg = self.config
@@ -154,6 +165,8 @@ class Worker(BackgroundService):
             if not self._await_federation(broker):
                 return
             queue = self._claim(broker)
+            # big updates and joins go out in chunks; big welcomes and models come in chunks
+            broker = chunked(broker, self.config, sender=self.config.party)
             if self._trainer is None:
                 self._trainer = self._serviced(broker, self._build_trainer, self.config.party_id)
                 if self._stop.is_set():
@@ -223,16 +236,20 @@ class Worker(BackgroundService):
         assert self._trainer is not None
         join = encode(Join(cfg.party, len(self._trainer.y), self._trainer.initial(),
                            software=SOFTWARE))
+        if len(join) > cfg.max_message_bytes:  # the aggregator would dead-letter every update
+            raise FederationError(f"the model's messages are {len(join)} bytes, over "
+                                  f"--max-message-bytes {cfg.max_message_bytes}: raise it on "
+                                  "every process of the federation")
         # Broadcasts delivered while the join is in flight are newer than anything seen
         # before it: keep them apart from the older models (a restarted aggregator may have
         # rolled back) so a welcome sent before a broadcast cannot hide that broadcast.
-        self._latest = None
+        self._latest = self._announced = None
         while not self._stop.is_set():
             try:
                 answer = broker.call(self.topology.control, join, timeout=cfg.join_timeout,
                                      headers=self._signed(join), exchange=self.topology.ingress)
                 self._check_aggregator(answer, "welcome")
-                reply = decode(answer.body)
+                reply = decode(answer.body, cfg.max_message_bytes)
             except RpcTimeout:
                 log.info("party %s: no answer from the aggregator yet, asking again", cfg.party)
                 continue
@@ -292,11 +309,17 @@ class Worker(BackgroundService):
                         metrics["epsilon"] = self.stats.epsilon
                         self.metrics.epsilon.set(self.stats.epsilon)
                 self.metrics.train_seconds.observe(metrics["train_seconds"])
+                tensors = dict(zip(trainer.names, delta, strict=True))
+                packed = None
+                if self._compressor is not None:  # after privacy: sees privatised deltas only
+                    packed, tensors = self._compressor.compress(tensors)
                 update = Update(self.config.party, self._next_seq, base_version,
-                                len(trainer.y), dict(zip(trainer.names, delta, strict=True)),
-                                metrics)
-                self._pending = (self._next_seq, encode(update))
+                                len(trainer.y), tensors, metrics, self.config.encoding)
+                self._pending = (self._next_seq, encode(update, packed=packed))
                 self._next_seq += 1
+                continue
+            if self._announced is not None:
+                self._pull(broker)
                 continue
             model = self._latest
             if model is None or (s["sync"] and model.version <= self._last_base):
@@ -304,10 +327,18 @@ class Worker(BackgroundService):
                 self._heartbeat(broker)
                 continue
             base: NDArrays = [model.tensors[name] for name in trainer.names]
-            self._training = (model.version, self._pool.submit(
-                trainer.train, base, int(s["local_steps"]), int(s["batch_size"]),
-                float(s["learning_rate"])))
+            job = self._pool.submit(trainer.train, base, int(s["local_steps"]),
+                                    int(s["batch_size"]), float(s["learning_rate"]))
+            job.add_done_callback(lambda _job: self._wake(broker))
+            self._training = (model.version, job)
             self._last_base = model.version
+
+    @staticmethod
+    def _wake(broker: Broker) -> None:
+        """End the event loop's wait as soon as training finishes (from the training
+        thread): polling alone cost ~50 ms a round (``benchmarks/overhead.py``)."""
+        with contextlib.suppress(FederationError):  # gone: the next session takes over
+            broker.call_soon_threadsafe(lambda: None)
 
     def _publish_pending(self, broker: Broker) -> None:
         """Publish the pending update until the broker confirms it (backing off when full)."""
@@ -342,6 +373,7 @@ class Worker(BackgroundService):
         self.metrics.updates_sent.inc()
         self.stats.last_seq = seq
         self.stats.updates_sent += 1
+        self.stats.update_bytes += len(body)
         if self.config.ledger:
             with open(self.config.ledger, "a") as f:
                 f.write(json.dumps({"party": self.config.party, "seq": seq}) + "\n")
@@ -350,6 +382,40 @@ class Worker(BackgroundService):
         else:
             log.info("party %s sent update %d (privacy spent: epsilon %.4g at delta %g)",
                      self.config.party, seq, self.stats.epsilon, self.config.dp_delta)
+
+    def _pull(self, broker: Broker) -> None:
+        """Fetch an announced model that is too big for the model queue.
+
+        The aggregator broadcasts a model over ``--max-chunk-bytes`` as a tensorless
+        ``Model`` (the version alone): this party's queue keeps one message, so the chunks of
+        a model would drop each other. The model comes by RPC instead (``Query("model")``,
+        answered in chunks), only when this party is about to train: a slow party skips the
+        versions in between without receiving them.
+        """
+        cfg, announced = self.config, self._announced
+        self._announced = None  # a newer announcement during the call sets it again
+        if announced is None or (self._latest is not None
+                                 and announced <= self._latest.version):
+            return
+        query = encode(Query("model"))
+        try:
+            answer = broker.call(self.topology.control, query, timeout=cfg.join_timeout,
+                                 headers=self._signed(query), exchange=self.topology.ingress)
+            self._check_aggregator(answer, "model")
+            msg = decode(answer.body, cfg.max_message_bytes)
+        except (RpcTimeout, InvalidMessage) as exc:
+            log.info("party %s: model version %d not fetched (%s); asking again", cfg.party,
+                     announced, exc)
+            if self._announced is None:
+                self._announced = announced
+            return
+        if not isinstance(msg, Model) or not msg.tensors:
+            log.info("party %s: asked for model version %d, got a %s", cfg.party, announced,
+                     msg.KIND)
+        elif self._latest is None or msg.version > self._latest.version:
+            self._latest = msg
+            self.stats.model_version = msg.version
+            self.metrics.model_version.set(msg.version)
 
     def _heartbeat(self, broker: Broker) -> None:
         """Renew the lease when it is due (called from every waiting loop)."""
@@ -395,6 +461,9 @@ class Worker(BackgroundService):
         elif isinstance(msg, Stop):
             log.info("party %s: federation finished (%s)", self.config.party, msg.reason)
             self.stop(f"aggregator: {msg.reason}")
+        elif isinstance(msg, Model) and not msg.tensors:  # too big to broadcast: fetch it
+            if self._latest is None or msg.version > self._latest.version:
+                self._announced = msg.version
         elif isinstance(msg, Model) and (self._latest is None
                                          or msg.version > self._latest.version):
             self._latest = msg

@@ -1,0 +1,246 @@
+"""Time to accuracy: asynchronous against synchronous federated training, and against
+centralized training, on MNIST with the built-in CNN, all measured in one invocation.
+
+Each scenario runs in a fresh Python process (no TensorFlow state carried between runs):
+an aggregator and its parties on the embedded ``memory://`` broker, exactly as ``dfl run``
+runs them, for ``--seconds`` of training (so the final accuracy after that budget can be
+compared; the time to 98.0% test accuracy is read off the curve). The same stack, broker,
+model, optimizer (Adam 1e-3), batch size (32), local steps (100) and evaluation cadence
+(every 5 s on the 10k test images) serve every strategy; only ``--strategy`` changes.
+
+Fairness on 2 shared cores: every party's training competes for the same CPU, so a
+straggler is *simulated* (``--slowdown``, ``--slowdown-sigma``): after each round it sleeps
+(s - 1) times the round's measured training time. Sleeping takes no CPU, so the straggler
+does not slow the others, as a slow machine elsewhere would not. Time counts from the
+release of model version 0 (the version-0 evaluation), so TensorFlow's start-up in the
+parties is not counted; the centralized baseline counts from the start of ``fit`` and
+pauses its clock while it evaluates (every 1/8 epoch), which favours it.
+
+    python -m benchmarks.time_to_accuracy --data-dir DIR [--seconds 180]
+        [--only iid-straggler-fedasync ...] [--png accuracy.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGET = 0.98
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    partition: str = "iid"
+    parties: int = 4
+    strategy: str = "fedasync"
+    slowdowns: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    sigma: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
+    # FedAsync with polynomial staleness a=0.5 and alpha 0.6 (the defaults); FedBuff K=2
+    "fedasync": {"staleness": "polynomial", "staleness_a": 0.5, "mixing_alpha": 0.6},
+    "fedbuff": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 2},
+    "fedavg": {},
+}
+
+
+def scenarios() -> list[Scenario]:
+    out = []
+    for partition in ("iid", "dirichlet"):
+        for speed, slowdowns, sigma in (("equal", (1.0,) * 4, 0.0),
+                                        ("straggler", (1.0, 1.0, 1.0, 4.0), 0.0),
+                                        ("lognormal", (1.0,) * 4, 1.0)):
+            for strategy in ("fedasync", "fedbuff", "fedavg"):
+                out.append(Scenario(f"{partition}-{speed}-{strategy}", partition, 4, strategy,
+                                    slowdowns, sigma, STRATEGY_OPTIONS[strategy]))
+    out.append(Scenario("iid-2equal-fedasync", "iid", 2, "fedasync", (1.0, 1.0), 0.0,
+                        STRATEGY_OPTIONS["fedasync"]))
+    return out
+
+
+# -- one run, in its own process ---------------------------------------------------------
+def run_federated(s: Scenario, data_dir: str | None, seconds: float, seed: int
+                  ) -> dict[str, Any]:
+    from aggregator import Aggregator, AggregatorConfig
+    from worker import Worker, WorkerConfig
+
+    broker = f"memory://{s.name}"
+    agg = Aggregator(AggregatorConfig(
+        broker=broker, strategy=s.strategy, min_parties=s.parties, data_dir=data_dir,
+        eval_every_seconds=5.0, seed=seed, **s.options)).start()
+    workers = [Worker(WorkerConfig(
+        broker=broker, party_id=i, num_parties=s.parties, partition=s.partition, alpha=0.5,
+        data_dir=data_dir, seed=seed, slowdown=s.slowdowns[i], slowdown_sigma=s.sigma)).start()
+        for i in range(s.parties)]
+    released = None
+    deadline = None
+    while not agg.wait(0.5):
+        history = agg.history
+        if released is None and history:
+            released = history[0]["time"]
+            deadline = time.monotonic() + seconds
+        if deadline is not None and time.monotonic() > deadline:
+            agg.stop("wall budget spent")
+    for w in workers:
+        w.stop()
+        w.wait(60)
+    start = released if released is not None else 0.0
+    curve = [(r["time"] - start, r["accuracy"], r["version"]) for r in agg.history]
+    return {"curve": curve, "updates": agg.status.updates,
+            "sent": [w.stats.updates_sent for w in workers]}
+
+
+def run_centralized(data_dir: str | None, seconds: float, seed: int) -> dict[str, Any]:
+    """Keras fit of the same CNN on all 60k images, evaluated every 1/8 epoch."""
+    import keras
+
+    from messages.plugins import build_model, load_dataset
+
+    data = load_dataset("worker.data:load_mnist", data_dir)
+    model = build_model("worker.models:mnist_cnn", seed)
+    every = len(data.y_train) // 32 // 8
+    curve: list[tuple[float, float, int]] = []
+
+    class Clock(keras.callbacks.Callback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.paused = 0.0
+            self.started = time.perf_counter()
+            self.batches = 0
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.batches += 1
+            if self.batches % every:
+                return
+            t = time.perf_counter() - self.started - self.paused
+            before = time.perf_counter()
+            scores = self.model.evaluate(data.x_test, data.y_test, batch_size=500, verbose=0,
+                                         return_dict=True)
+            self.paused += time.perf_counter() - before
+            curve.append((t, float(scores["accuracy"]), self.batches))
+            if t > seconds:
+                self.model.stop_training = True
+
+    model.fit(data.x_train, data.y_train, batch_size=32, epochs=20, shuffle=True, verbose=0,
+              callbacks=[Clock()])
+    return {"curve": curve, "updates": 0, "sent": []}
+
+
+def child(name: str, data_dir: str | None, seconds: float, seed: int, out: str) -> None:
+    if name == "centralized":
+        result = run_centralized(data_dir, seconds, seed)
+    else:
+        result = run_federated(next(s for s in scenarios() if s.name == name), data_dir,
+                               seconds, seed)
+    Path(out).write_text(json.dumps(result))
+
+
+# -- the suite ---------------------------------------------------------------------------
+def summarize(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    curve = result["curve"]
+    reached = next((t for t, acc, _ in curve if acc >= TARGET), None)
+    within = [acc for t, acc, _ in curve if t <= seconds]
+    return {"scenario": name, "time_to_98": reached,
+            "final_accuracy": within[-1] if within else None,
+            "best_accuracy": max(within) if within else None,
+            "versions": curve[-1][2] if curve else 0, "updates": result["updates"]}
+
+
+def plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({name.split("-")[0] + "-" + name.split("-")[1] for name in results
+                     if name != "centralized"})
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5 * max(len(groups), 1), 4),
+                             squeeze=False, sharey=True)
+    for ax, group in zip(axes[0], groups, strict=False):
+        for name, result in results.items():
+            if name.startswith(group + "-") or name == "centralized":
+                xs = [t for t, _, _ in result["curve"]]
+                ys = [acc * 100 for _, acc, _ in result["curve"]]
+                ax.plot(xs, ys, label=name.removeprefix(group + "-"),
+                        linestyle="--" if name == "centralized" else "-")
+        ax.axhline(TARGET * 100, color="grey", linewidth=0.5)
+        ax.set_title(group)
+        ax.set_xlabel("wall time since training started (s)")
+        ax.set_ylim(90, 100)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("DFL_DATA_DIR"))
+    p.add_argument("--seconds", type=float, default=180.0,
+                   help="wall budget of training per run (default 180)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", help="scenario names (default: all, and centralized)")
+    p.add_argument("--png", default="benchmarks/time_to_accuracy.png")
+    p.add_argument("--json", default="benchmarks/time_to_accuracy.json",
+                   help="raw curves, so a later run can add scenarios (--only) to them")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.child:
+        child(ns.child, ns.data_dir, ns.seconds, ns.seed, ns.out)
+        return 0
+    names = ns.only or ["centralized", *(s.name for s in scenarios())]
+    known = {"centralized", *(s.name for s in scenarios())}
+    if unknown := [n for n in names if n not in known]:
+        p.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    results: dict[str, dict[str, Any]] = {}
+    if Path(ns.json).exists():
+        results = json.loads(Path(ns.json).read_text())
+    for name in names:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            began = time.monotonic()
+            cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", "--child", name,
+                   "--seconds", str(ns.seconds), "--seed", str(ns.seed), "--out", out.name]
+            if ns.data_dir:
+                cmd += ["--data-dir", ns.data_dir]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={**os.environ,
+                                                           "TF_CPP_MIN_LOG_LEVEL": "2"})
+            results[name] = json.loads(Path(out.name).read_text())
+        row = summarize(name, results[name], ns.seconds)
+        print(f"{name}: 98% at {row['time_to_98']} s, final {row['final_accuracy']} "
+              f"({time.monotonic() - began:.0f} s)", flush=True)
+        Path(ns.json).write_text(json.dumps(results))
+    from tabulate import tabulate
+
+    rows = [summarize(n, r, ns.seconds) for n, r in sorted(results.items())]
+    base = {r["scenario"]: r for r in rows}
+    for r in rows:  # ratio against sync FedAvg of the same partition and speeds
+        parts = r["scenario"].rsplit("-", 1)
+        sync = base.get(parts[0] + "-fedavg")
+        r["vs_fedavg"] = (round(r["time_to_98"] / sync["time_to_98"], 2)
+                          if sync and r["time_to_98"] and sync["time_to_98"] else None)
+        central = base.get("centralized")
+        r["vs_centralized"] = (round(r["time_to_98"] / central["time_to_98"], 2)
+                               if central and r["time_to_98"] and central["time_to_98"]
+                               else None)
+    print(tabulate(rows, headers="keys", floatfmt=".4g", tablefmt="github"))
+    plot(results, ns.png)
+    print(f"plot: {ns.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
