@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 0.98
+COLORS = {"centralized": "C0", "fedasync": "C1", "fedbuff": "C2", "fedavg": "C3"}
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
             if name.startswith(group + "-") or name == "centralized":
                 xs = [t for t, _, _ in result["curve"]]
                 ys = [acc * 100 for _, acc, _ in result["curve"]]
-                ax.plot(xs, ys, label=name.removeprefix(group + "-"),
+                label = name.removeprefix(group + "-")
+                ax.plot(xs, ys, label=label, color=COLORS.get(label),
                         linestyle="--" if name == "centralized" else "-")
         ax.axhline(TARGET * 100, color="grey", linewidth=0.5)
         ax.set_title(group)
