@@ -231,9 +231,7 @@ class Aggregator(BackgroundService):
     def _broadcast_stop(self, broker: Broker) -> None:
         """When the federation is over, tell the parties so they exit too."""
         if self.status.finished is not None:
-            body = encode(Stop(self.status.version, self.status.finished))
-            broker.publish(self.topology.models, "", body, headers=self._signed(body),
-                           persistent=False)
+            self._to_parties(broker, encode(Stop(self.status.version, self.status.finished)))
             self._stop_sent = True
 
     def _stop_after_disconnect(self) -> None:
@@ -400,9 +398,7 @@ class Aggregator(BackgroundService):
         if self._broker is None or time.monotonic() - self._rejoin_asked_at < 5:
             return
         self._rejoin_asked_at = time.monotonic()
-        body = encode(Query("rejoin"))
-        self._broker.publish(self.topology.models, "", body, headers=self._signed(body),
-                             persistent=False)
+        self._to_parties(self._broker, encode(Query("rejoin")))
 
     def _answer(self, query: Query) -> Report | Model:
         if query.what == "status":
@@ -514,6 +510,11 @@ class Aggregator(BackgroundService):
         self._handled(d)
 
     # -- authenticity ----------------------------------------------------------------------
+    def _to_parties(self, broker: Broker, body: bytes) -> None:
+        """Every party's model queue: models, announcements, stop and rejoin requests."""
+        broker.publish(self.topology.models, "", body, headers=self._signed(body),
+                       persistent=False)
+
     def _signed(self, body: bytes) -> dict[str, str] | None:
         """Signature headers for what the aggregator sends, when it has a key."""
         return self._signer.headers(body) if self._signer is not None else None
@@ -595,5 +596,4 @@ class Aggregator(BackgroundService):
             # parties fetch the model (in chunks, by RPC) when they are ready to train on it.
             tensors = {}
         body = encode(Model(self.status.version, tensors))
-        self._broker.publish(self.topology.models, "", body, headers=self._signed(body),
-                             persistent=False)
+        self._to_parties(self._broker, body)

@@ -63,10 +63,12 @@ class PrivacyFilter:
         scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
         std = self.noise_multiplier * self.clip
         out: NDArrays = []
-        for d in delta:
-            x = d.astype(np.float32) * np.float32(scale)
+        for d in delta:  # one new float32 array per tensor (and one for its noise)
+            x = np.multiply(d, np.float32(scale), dtype=np.float32)
             if std > 0:
-                x += self._rng.normal(0.0, std, size=d.shape).astype(np.float32)
+                noise = self._rng.standard_normal(size=d.shape, dtype=np.float32)
+                noise *= np.float32(std)
+                x += noise
             out.append(x)
         self.steps += 1
         return out

@@ -39,9 +39,9 @@ from messages.errors import (
     ResourceLocked,
     RpcTimeout,
 )
-from messages.kinds import Heartbeat, Join, Leave, Model, Query, Stop, Update, Welcome
+from messages.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
 from messages.plugins import load_dataset
-from messages.signing import AGGREGATOR, Keyring, Signer, aggregator_keyring, load_signer
+from messages.signing import Keyring, Signer, aggregator_keyring, load_signer
 from messages.supervisor import BackgroundService, supervise
 from messages.topology import Topology
 from messages.types import NDArrays, Settings
@@ -246,10 +246,7 @@ class Worker(BackgroundService):
         self._latest = self._announced = None
         while not self._stop.is_set():
             try:
-                answer = broker.call(self.topology.control, join, timeout=cfg.join_timeout,
-                                     headers=self._signed(join), exchange=self.topology.ingress)
-                self._check_aggregator(answer, "welcome")
-                reply = decode(answer.body, cfg.max_message_bytes)
+                reply = self._ask(broker, join, "welcome")
             except RpcTimeout:
                 log.info("party %s: no answer from the aggregator yet, asking again", cfg.party)
                 continue
@@ -397,12 +394,8 @@ class Worker(BackgroundService):
         if announced is None or (self._latest is not None
                                  and announced <= self._latest.version):
             return
-        query = encode(Query("model"))
         try:
-            answer = broker.call(self.topology.control, query, timeout=cfg.join_timeout,
-                                 headers=self._signed(query), exchange=self.topology.ingress)
-            self._check_aggregator(answer, "model")
-            msg = decode(answer.body, cfg.max_message_bytes)
+            msg = self._ask(broker, encode(Query("model")), "model")
         except (RpcTimeout, InvalidMessage) as exc:
             log.info("party %s: model version %d not fetched (%s); asking again", cfg.party,
                      announced, exc)
@@ -412,10 +405,8 @@ class Worker(BackgroundService):
         if not isinstance(msg, Model) or not msg.tensors:
             log.info("party %s: asked for model version %d, got a %s", cfg.party, announced,
                      msg.KIND)
-        elif self._latest is None or msg.version > self._latest.version:
-            self._latest = msg
-            self.stats.model_version = msg.version
-            self.metrics.model_version.set(msg.version)
+        else:
+            self._take(msg)
 
     def _heartbeat(self, broker: Broker) -> None:
         """Renew the lease when it is due (called from every waiting loop)."""
@@ -438,20 +429,33 @@ class Worker(BackgroundService):
         broker.publish(self.topology.ingress, queue, body, headers=self._signed(body),
                        persistent=update, mandatory=update)
 
-    def _check_aggregator(self, d: Delivery, what: str) -> None:
-        """With ``--aggregator-key``, a welcome that is not the aggregator's stops the party."""
-        if self._trust is None:
-            return
-        try:
-            self._trust.verify(d.body, d.headers)
-        except InvalidMessage as exc:
-            raise FederationError(f"the {what} is not signed by the aggregator's key "
-                                  f"({exc}); check --aggregator-key") from None
+    def _ask(self, broker: Broker, body: bytes, what: str) -> Message:
+        """An RPC to the aggregator (signed when this party has a key), its answer decoded.
+
+        With ``--aggregator-key`` an answer the aggregator did not sign stops the party: a
+        welcome or model from anyone else means the federation is not what it claims.
+        """
+        answer = broker.call(self.topology.control, body, timeout=self.config.join_timeout,
+                             headers=self._signed(body), exchange=self.topology.ingress)
+        if self._trust is not None:
+            try:
+                self._trust.verify(answer.body, answer.headers)
+            except InvalidMessage as exc:
+                raise FederationError(f"the {what} is not signed by the aggregator's key "
+                                      f"({exc}); check --aggregator-key") from None
+        return decode(answer.body, self.config.max_message_bytes)
+
+    def _take(self, model: Model) -> None:
+        """Train on ``model`` next, unless a newer one is already here."""
+        if self._latest is None or model.version > self._latest.version:
+            self._latest = model
+            self.stats.model_version = model.version
+            self.metrics.model_version.set(model.version)
 
     def _on_model(self, d: Delivery) -> None:
         try:
-            if self._trust is not None and self._trust.verify(d.body, d.headers) != AGGREGATOR:
-                raise InvalidMessage("bad-signature", "not signed by the aggregator")
+            if self._trust is not None:  # holds the aggregator's key alone
+                self._trust.verify(d.body, d.headers)
             msg = decode(d.body, self.config.max_message_bytes)
         except InvalidMessage as exc:
             log.warning("party %s: ignored a bad model message: %s", self.config.party, exc)
@@ -464,8 +468,5 @@ class Worker(BackgroundService):
         elif isinstance(msg, Model) and not msg.tensors:  # too big to broadcast: fetch it
             if self._latest is None or msg.version > self._latest.version:
                 self._announced = msg.version
-        elif isinstance(msg, Model) and (self._latest is None
-                                         or msg.version > self._latest.version):
-            self._latest = msg
-            self.stats.model_version = msg.version
-            self.metrics.model_version.set(msg.version)
+        elif isinstance(msg, Model):
+            self._take(msg)
