@@ -105,14 +105,15 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
                    help="checkpoint the state here and resume from it on start; deliveries are "
                         "acked only once a checkpoint holds their effect")
     d.add_argument("--checkpoint-every-updates", type=int, metavar="N",
-                   help="checkpoint after this many handled messages (at most --prefetch)")
+                   help="checkpoint after this many handled messages (at most half of "
+                        "--prefetch)")
     d.add_argument("--checkpoint-every-seconds", type=float, metavar="S",
                    help="... or when the oldest unacked message is this old")
     d.add_argument("--broadcast-interval", type=float, metavar="S",
                    help="send the newest model at most every S seconds (default 0.1): "
                         "versions applied in between are skipped, parties train on the newest")
     d.add_argument("--prefetch", type=int,
-                   help="unacked messages the broker may push to the aggregator")
+                   help="unacked messages the broker may push to the aggregator (default 32)")
     d.add_argument("--lease-seconds", type=float,
                    help="a party that sends nothing for this long is considered gone")
     sec = parser.add_argument_group("security")

@@ -54,7 +54,9 @@ class AggregatorConfig(FederationSettings):
     keys_dir: str | None = None
     broadcast_interval: float = Field(default=0.1, ge=0)
     # broker tuning (the shared settings are in FederationSettings)
-    prefetch: int = Field(default=16, ge=1)
+    # twice the checkpoint batch: acks come a batch at a time, so a window no larger than
+    # the batch leaves the broker nothing to send while a checkpoint is written
+    prefetch: int = Field(default=32, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorConfig:

@@ -1,13 +1,20 @@
 """Aggregator throughput against raw broker throughput for the same bytes, in one run.
 
-A publisher process first fills a queue with N messages of one update's size, so what is
-timed is the consumer draining it. Baseline: a plain pika consumer that only acks (no
+A publisher first fills a queue with N messages of one update's size (a separate process
+for RabbitMQ; the same process for ``memory://``, the in-process broker), so what is timed
+is the consumer draining it. Baseline: a plain pika consumer that only acks (no
 decoding, no math). Then the aggregator (FedAsync or FedBuff, no evaluation, checkpoints
 every 16 updates as in production) drains N valid updates from ``F.updates``: decode,
 validate, apply, broadcast, checkpoint, ack. Both are timed from the first delivery to the
 last, so start-up is not counted.
 
-    python -m benchmarks.throughput [--broker URL] [--params 1.2] [--count 150]
+    python -m benchmarks.throughput [--broker URL ...] [--params 1.2] [--count 150]
+        [--rounds 3] [--profile]
+
+``--broker`` defaults to the local RabbitMQ and ``memory://``, each against its own raw
+baseline; each consumer is measured ``--rounds`` times, taking turns, and the medians compared.
+``memory://`` hands a body over by reference, so its raw rate is the cost of a
+queue operation and the aggregator's milliseconds per update are its own work alone.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import cProfile
 import multiprocessing as mp
 import pstats
+import statistics
 import tempfile
 import threading
 import time
@@ -30,10 +38,21 @@ from messages.topology import Topology
 
 
 def publish(url: str, queue: str, bodies: list[bytes]) -> None:
-    """Publisher process: confirmed, persistent publishes of ``bodies`` to ``queue``."""
+    """Publisher: confirmed, persistent publishes of ``bodies`` to ``queue``."""
     with connect(url) as broker:
         for body in bodies:
             broker.publish("", queue, body, mandatory=True)
+
+
+def fill(url: str, queue: str, bodies: list[bytes]) -> None:
+    """Fill ``queue`` before timing starts: from another process over the network, here for
+    ``memory://`` (whose broker lives in this process)."""
+    if url.startswith("memory://"):
+        publish(url, queue, bodies)
+        return
+    proc = mp.get_context("spawn").Process(target=publish, args=(url, queue, bodies))
+    proc.start()
+    proc.join()
 
 
 def raw(url: str, bodies: list[bytes], queue_type: str) -> float:
@@ -47,9 +66,7 @@ def raw(url: str, bodies: list[bytes], queue_type: str) -> float:
             times.append(time.perf_counter())
             broker.ack(d)
 
-        proc = mp.get_context("spawn").Process(target=publish, args=(url, name, bodies))
-        proc.start()
-        proc.join()
+        fill(url, name, bodies)
         broker.consume(name, on_message, prefetch=16)
         while len(times) < len(bodies):
             broker.process_events(0.1)
@@ -79,10 +96,7 @@ def aggregated(url: str, millions: float, count: int, strategy: str, queue_type:
             setup.wait(60)
             bodies = [encode(Update("bench", welcome.next_seq + i, 0, 100, tensors))
                       for i in range(count)]
-            proc = mp.get_context("spawn").Process(target=publish,
-                                                   args=(url, topology.updates, bodies))
-            proc.start()
-            proc.join()
+            fill(url, topology.updates, bodies)
             agg = Aggregator(config)  # resumes, then drains the full queue
             times: list[float] = []
 
@@ -108,31 +122,51 @@ def aggregated(url: str, millions: float, count: int, strategy: str, queue_type:
     return (last - first) * count / (count - 1)
 
 
+def _rotated(items: list[str], k: int) -> list[str]:
+    return items[k % len(items):] + items[:k % len(items)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--broker", default="amqp://guest:guest@localhost:5672/%2F")
+    parser.add_argument("--broker", nargs="+",
+                        default=["amqp://guest:guest@localhost:5672/%2F", "memory://bench"])
     parser.add_argument("--params", type=float, default=1.2, help="millions of parameters")
     parser.add_argument("--count", type=int, default=150, help="messages per measurement")
     parser.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements of each consumer, taking turns (medians reported)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each aggregator run: where its time goes")
     ns = parser.parse_args(argv)
     body = encode(Update("bench", 0, 0, 100, tensors_of(ns.params)))
     mb = len(body) / 1e6
-    print(f"{ns.count} messages of {mb:.1f} MB ({ns.params}M float32), {ns.queue_type} queue, "
-          f"persistent + confirms, broker {ns.broker.split('@')[-1]}")
-    base = raw(ns.broker, [body] * ns.count, ns.queue_type)
-    base_rate = (ns.count - 1) / base
-    print(f"{'raw pika consume+ack':<28} {base_rate:8.1f} msg/s {base_rate * mb:8.1f} MB/s   1.00x")
-    for strategy in ("fedasync", "fedbuff"):
-        profile = cProfile.Profile() if ns.profile else None
-        seconds = aggregated(ns.broker, ns.params, ns.count, strategy, ns.queue_type, profile)
-        rate = ns.count / seconds
-        print(f"{'aggregator ' + strategy:<28} {rate:8.1f} upd/s {rate * mb:8.1f} MB/s "
-              f"{rate / base_rate:6.2f}x")
-        if profile is not None:
-            breakdown(profile, ns.count)
+    for url in ns.broker:
+        where = "in-process memory://" if url.startswith("memory://") else url.split("@")[-1]
+        print(f"\n{ns.count} messages of {mb:.1f} MB ({ns.params}M float32), {ns.queue_type} "
+              f"queue, persistent + confirms, broker {where}")
+        # The broker's own rate drifts between runs (quorum-queue segments, Erlang GC), so
+        # the three consumers take turns, --rounds times in rotating order, and the ratios
+        # are between medians.
+        rates: dict[str, list[float]] = {"raw": [], "fedasync": [], "fedbuff": []}
+        profiles: dict[str, cProfile.Profile] = {}
+        for round_ in range(ns.rounds):
+            for who in _rotated(list(rates), round_):
+                if who == "raw":
+                    rates[who].append((ns.count - 1) / raw(url, [body] * ns.count,
+                                                           ns.queue_type))
+                    continue
+                profile = profiles.setdefault(who, cProfile.Profile()) if ns.profile else None
+                seconds = aggregated(url, ns.params, ns.count, who, ns.queue_type, profile)
+                rates[who].append(ns.count / seconds)
+        base_rate = statistics.median(rates["raw"])
+        for who, values in rates.items():
+            rate = statistics.median(values)
+            label = "raw consume+ack" if who == "raw" else f"aggregator {who}"
+            print(f"{label:<24} {rate:9.1f} /s {rate * mb:9.1f} MB/s {1e3 / rate:7.3f} ms  "
+                  f"{rate / base_rate:5.3f}x   (runs: {' '.join(f'{v:.0f}' for v in values)})")
+            if who in profiles:
+                breakdown(profiles[who], ns.count * ns.rounds)
     return 0
 
 
@@ -143,6 +177,7 @@ STAGES = {  # (file suffix, function) -> stage; cumulative time per stage
     ("aggregator/service.py", "_broadcast"): "broadcast",
     ("aggregator/service.py", "_commit"): "checkpoint + ack",
     ("messages/rabbitmq.py", "process_events"): "broker I/O (all handlers inside)",
+    ("messages/memory.py", "process_events"): "broker I/O (all handlers inside)",
 }
 
 

@@ -16,15 +16,23 @@ release of model version 0 (the version-0 evaluation), so TensorFlow's start-up 
 parties is not counted; the centralized baseline counts from the start of ``fit`` and
 pauses its clock while it evaluates (every 1/8 epoch), which favours it.
 
-    python -m benchmarks.time_to_accuracy --data-dir DIR [--seconds 180]
-        [--only iid-straggler-fedasync ...] [--png accuracy.png]
+    python -m benchmarks.time_to_accuracy --data-dir DIR [--seconds 180] [--seeds 0 1 2]
+        [--only iid-straggler-fedasync iid-straggler-fedasync:a1-const ...] [--png PNG]
+
+Each scenario runs once per seed (data partition, model initialisation, straggler draws);
+the table gives the median time to 98% and the mean final accuracy over the seeds, since
+one run's crossing of 98% moves by tens of seconds between seeds. ``NAME:TAG`` runs a
+scenario with one of the tuning ``VARIANTS`` of its strategy's options.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,10 +57,30 @@ class Scenario:
 
 
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
-    # FedAsync with polynomial staleness a=0.5 and alpha 0.6 (the defaults); FedBuff K=2
+    # Chosen by runs of the VARIANTS below (benchmarks/RESULTS.md, "Tuning"): FedAsync
+    # alpha 0.6 with polynomial staleness a=0.5 (the defaults; alpha 1 diverges, a0.8-poly1
+    # was no better); FedBuff K=3 of 4 parties (K=4 was slower, K=2 oscillates at eta 1)
     "fedasync": {"staleness": "polynomial", "staleness_a": 0.5, "mixing_alpha": 0.6},
-    "fedbuff": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 2},
+    "fedbuff": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 3},
     "fedavg": {},
+}
+
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    # tuning candidates: ``--only SCENARIO:TAG`` runs SCENARIO with these options instead
+    "fedasync": {
+        "a0.6-poly0.5": {"staleness": "polynomial", "staleness_a": 0.5, "mixing_alpha": 0.6},
+        "a1-poly0.5": {"staleness": "polynomial", "staleness_a": 0.5, "mixing_alpha": 1.0},
+        "a1-const": {"staleness": "constant", "mixing_alpha": 1.0},
+        "a1-hinge": {"staleness": "hinge", "staleness_a": 0.5, "staleness_b": 4,
+                     "mixing_alpha": 1.0},
+        "a0.8-poly1": {"staleness": "polynomial", "staleness_a": 1.0, "mixing_alpha": 0.8},
+    },
+    "fedbuff": {
+        "k2-eta1": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 2},
+        "k3-eta1": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 3},
+        "k4-eta1": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 4},
+        "k2-eta2": {"staleness": "polynomial", "staleness_a": 0.5, "buffer_k": 2, "eta": 2.0},
+    },
 }
 
 
@@ -70,13 +98,30 @@ def scenarios() -> list[Scenario]:
     return out
 
 
+def scenario(name: str) -> Scenario:
+    """A scenario by name; ``NAME:TAG`` is NAME with the options of variant TAG."""
+    base, _, tag = name.partition(":")
+    s = next(s for s in scenarios() if s.name == base)
+    if not tag:
+        return s
+    return dataclasses.replace(s, name=name, options=VARIANTS[s.strategy][tag])
+
+
+def known_names() -> set[str]:
+    names = {"centralized"}
+    for s in scenarios():
+        names.add(s.name)
+        names.update(f"{s.name}:{tag}" for tag in VARIANTS.get(s.strategy, {}))
+    return names
+
+
 # -- one run, in its own process ---------------------------------------------------------
 def run_federated(s: Scenario, data_dir: str | None, seconds: float, seed: int
                   ) -> dict[str, Any]:
     from aggregator import Aggregator, AggregatorConfig
     from worker import Worker, WorkerConfig
 
-    broker = f"memory://{s.name}"
+    broker = f"memory://{s.name.replace(':', '-')}"
     agg = Aggregator(AggregatorConfig(
         broker=broker, strategy=s.strategy, min_parties=s.parties, data_dir=data_dir,
         eval_every_seconds=5.0, seed=seed, **s.options)).start()
@@ -142,20 +187,58 @@ def child(name: str, data_dir: str | None, seconds: float, seed: int, out: str) 
     if name == "centralized":
         result = run_centralized(data_dir, seconds, seed)
     else:
-        result = run_federated(next(s for s in scenarios() if s.name == name), data_dir,
-                               seconds, seed)
-    Path(out).write_text(json.dumps(result))
+        result = run_federated(scenario(name), data_dir, seconds, seed)
+    Path(out).write_text(json.dumps({**result, "seconds": seconds, "seed": seed}))
 
 
 # -- the suite ---------------------------------------------------------------------------
-def summarize(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+def run_key(name: str, seed: int) -> str:
+    return f"{name}@{seed}"
+
+
+def one_run(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Time to 98% and the accuracy after the run's own budget (``seconds`` if unrecorded)."""
+    seconds = result.get("seconds", seconds)
     curve = result["curve"]
     reached = next((t for t, acc, _ in curve if acc >= TARGET), None)
     within = [acc for t, acc, _ in curve if t <= seconds]
-    return {"scenario": name, "time_to_98": reached,
+    return {"scenario": name, "time_to_98": reached, "budget": seconds,
             "final_accuracy": within[-1] if within else None,
-            "best_accuracy": max(within) if within else None,
             "versions": curve[-1][2] if curve else 0, "updates": result["updates"]}
+
+
+def summarize(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a scenario over its seeds: the median time to 98% (a run that never got
+    there counts as slower than any that did; the median is ``None`` when most did not) and
+    the mean final accuracy after the budget."""
+    times = sorted(r["time_to_98"] if r["time_to_98"] is not None else math.inf for r in runs)
+    middle = statistics.median(times) if times else math.inf
+    finals = [r["final_accuracy"] for r in runs if r["final_accuracy"] is not None]
+    return {"scenario": name, "seeds": len(runs),
+            "budget_s": "/".join(sorted({f"{r['budget']:.0f}" for r in runs})),
+            "time_to_98": None if math.isinf(middle) else round(middle, 1),
+            "times": " ".join("-" if math.isinf(t) else f"{t:.0f}" for t in times),
+            "final_accuracy": round(100 * statistics.fmean(finals), 2) if finals else None,
+            "final_range": (f"{100 * min(finals):.2f}-{100 * max(finals):.2f}" if finals
+                            else None),
+            "updates": round(statistics.fmean(r["updates"] for r in runs)) if runs else 0}
+
+
+def table(results: dict[str, dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+    """A row per scenario with its ratios against sync FedAvg (same partition and speeds)
+    and against centralized training."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for key, result in results.items():
+        name = key.rsplit("@", 1)[0]
+        by_name.setdefault(name, []).append(one_run(name, result, seconds))
+    rows = {name: summarize(name, runs) for name, runs in sorted(by_name.items())}
+    for name, r in rows.items():
+        prefix = name.partition(":")[0].rsplit("-", 1)[0]
+        for column, other in (("vs_fedavg", rows.get(prefix + "-fedavg")),
+                              ("vs_centralized", rows.get("centralized"))):
+            r[column] = (round(r["time_to_98"] / other["time_to_98"], 2)
+                         if other and r["time_to_98"] and other["time_to_98"] else None)
+    return list(rows.values())
 
 
 def plot(results: dict[str, dict[str, Any]], path: str) -> None:
@@ -164,24 +247,29 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({name.split("-")[0] + "-" + name.split("-")[1] for name in results
-                     if name != "centralized"})
+    names = {key.rsplit("@", 1)[0] for key in results}
+    groups = sorted({n.split("-")[0] + "-" + n.split("-")[1] for n in names
+                     if n != "centralized"})
     fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(5 * max(len(groups), 1), 4),
                              squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups, strict=False):
-        for name, result in results.items():
-            if name.startswith(group + "-") or name == "centralized":
-                xs = [t for t, _, _ in result["curve"]]
-                ys = [acc * 100 for _, acc, _ in result["curve"]]
-                label = name.removeprefix(group + "-")
-                ax.plot(xs, ys, label=label, color=COLORS.get(label),
-                        linestyle="--" if name == "centralized" else "-")
+        labelled = set()
+        for key, result in sorted(results.items()):
+            name = key.rsplit("@", 1)[0]
+            if not (name.startswith(group + "-") or name == "centralized"):
+                continue
+            label = name.removeprefix(group + "-")
+            ax.plot([t for t, _, _ in result["curve"]],
+                    [acc * 100 for _, acc, _ in result["curve"]],
+                    label=None if label in labelled else label, color=COLORS.get(label),
+                    linewidth=1, alpha=0.8, linestyle="--" if name == "centralized" else "-")
+            labelled.add(label)
         ax.axhline(TARGET * 100, color="grey", linewidth=0.5)
         ax.set_title(group)
         ax.set_xlabel("wall time since training started (s)")
         ax.set_ylim(90, 100)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].set_ylabel("test accuracy (%) (one line per seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -192,53 +280,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("DFL_DATA_DIR"))
     p.add_argument("--seconds", type=float, default=180.0,
                    help="wall budget of training per run (default 180)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed and scenario; the table gives medians (default 0)")
     p.add_argument("--only", nargs="*", help="scenario names (default: all, and centralized)")
     p.add_argument("--png", default="benchmarks/time_to_accuracy.png")
     p.add_argument("--json", default="benchmarks/time_to_accuracy.json",
                    help="raw curves, so a later run can add scenarios (--only) to them")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.child:
         child(ns.child, ns.data_dir, ns.seconds, ns.seed, ns.out)
         return 0
     names = ns.only or ["centralized", *(s.name for s in scenarios())]
-    known = {"centralized", *(s.name for s in scenarios())}
+    known = known_names()
     if unknown := [n for n in names if n not in known]:
         p.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(sorted(known))}")
     results: dict[str, dict[str, Any]] = {}
     if Path(ns.json).exists():
         results = json.loads(Path(ns.json).read_text())
-    for name in names:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            began = time.monotonic()
-            cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", "--child", name,
-                   "--seconds", str(ns.seconds), "--seed", str(ns.seed), "--out", out.name]
-            if ns.data_dir:
-                cmd += ["--data-dir", ns.data_dir]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env={**os.environ,
-                                                           "TF_CPP_MIN_LOG_LEVEL": "2"})
-            results[name] = json.loads(Path(out.name).read_text())
-        row = summarize(name, results[name], ns.seconds)
-        print(f"{name}: 98% at {row['time_to_98']} s, final {row['final_accuracy']} "
-              f"({time.monotonic() - began:.0f} s)", flush=True)
-        Path(ns.json).write_text(json.dumps(results))
+    for seed in ns.seeds:  # seeds outermost: an interrupted run still has every scenario once
+        for name in names:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                began = time.monotonic()
+                cmd = [sys.executable, "-m", "benchmarks.time_to_accuracy", "--child", name,
+                       "--seconds", str(ns.seconds), "--seed", str(seed), "--out", out.name]
+                if ns.data_dir:
+                    cmd += ["--data-dir", ns.data_dir]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                results[run_key(name, seed)] = json.loads(Path(out.name).read_text())
+            row = one_run(name, results[run_key(name, seed)], ns.seconds)
+            print(f"{name} seed {seed}: 98% at {row['time_to_98']} s, final "
+                  f"{row['final_accuracy']} ({time.monotonic() - began:.0f} s)", flush=True)
+            Path(ns.json).write_text(json.dumps(results))
     from tabulate import tabulate
 
-    rows = [summarize(n, r, ns.seconds) for n, r in sorted(results.items())]
-    base = {r["scenario"]: r for r in rows}
-    for r in rows:  # ratio against sync FedAvg of the same partition and speeds
-        parts = r["scenario"].rsplit("-", 1)
-        sync = base.get(parts[0] + "-fedavg")
-        r["vs_fedavg"] = (round(r["time_to_98"] / sync["time_to_98"], 2)
-                          if sync and r["time_to_98"] and sync["time_to_98"] else None)
-        central = base.get("centralized")
-        r["vs_centralized"] = (round(r["time_to_98"] / central["time_to_98"], 2)
-                               if central and r["time_to_98"] and central["time_to_98"]
-                               else None)
-    print(tabulate(rows, headers="keys", floatfmt=".4g", tablefmt="github"))
+    print(tabulate(table(results, ns.seconds), headers="keys", floatfmt=".4g",
+                   tablefmt="github"))
     plot(results, ns.png)
     print(f"plot: {ns.png}")
     return 0

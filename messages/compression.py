@@ -173,7 +173,7 @@ def unpack(encoding: str, item: Any, budget: int) -> tuple[str, NDArray]:
     if count * _DENSE.itemsize > budget:
         raise InvalidMessage("too-large", f"tensor {name!r} of shape {shape} decodes to more "
                                           f"than the {budget} bytes left of the limit")
-    if not isinstance(data, bytes):
+    if not isinstance(data, (bytes, memoryview)):
         raise InvalidMessage("bad-tensor", f"tensor {name!r} data is not bytes")
     dims = tuple(shape)
     if encoding == "topk":
@@ -197,9 +197,9 @@ def unpack(encoding: str, item: Any, budget: int) -> tuple[str, NDArray]:
     return name, _dense(name, Packed(encoding, dims, values, scale=float(np.float32(scale))))
 
 
-def _unpack_topk(name: str, shape: tuple[int, ...], count: int, data: bytes,
+def _unpack_topk(name: str, shape: tuple[int, ...], count: int, data: bytes | memoryview,
                  index_data: Any) -> NDArray:
-    if not isinstance(index_data, bytes):
+    if not isinstance(index_data, (bytes, memoryview)):
         raise InvalidMessage("bad-tensor", f"tensor {name!r} indices are not bytes")
     if len(data) % 4 or len(index_data) != len(data):
         raise InvalidMessage("bad-shape", f"tensor {name!r}: {len(data)} bytes of values and "

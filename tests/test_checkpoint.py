@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import uuid
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
-from aggregator.checkpoint import AggregatorState, CheckpointError, CheckpointStore, dumps, loads
+from aggregator.checkpoint import (
+    AggregatorState,
+    CheckpointError,
+    CheckpointStore,
+    dump_parts,
+    dumps,
+    loads,
+)
 from tests.test_aggregator_service import Client, Topology
 
 
@@ -40,6 +50,32 @@ def test_a_checkpoint_round_trips_bit_for_bit() -> None:
     restored = loads(dumps(original))
     assert_same(restored, original)
     assert restored.weights[0].flags.writeable  # strategies update weights in place
+
+
+def test_a_checkpoint_of_the_first_format_still_loads() -> None:
+    """Version 1 files: SHA-256 and the arrays inside the msgpack payload."""
+    original = state(3)
+
+    def default(obj: object) -> object:
+        if isinstance(obj, np.ndarray):
+            return msgpack.ExtType(1, msgpack.packb([obj.dtype.str, list(obj.shape),
+                                                     obj.tobytes()]))
+        raise TypeError(obj)
+
+    payload = msgpack.packb({f.name: getattr(original, f.name)
+                             for f in dataclasses.fields(original)}, default=default)
+    v1 = b"DFLCKPT1" + hashlib.sha256(payload).digest() + payload
+    assert_same(loads(v1), original)
+    with pytest.raises(CheckpointError):
+        loads(v1[:-1])
+
+
+def test_writing_a_checkpoint_copies_no_weight_array() -> None:
+    original = state(4)
+    parts = dump_parts(original)
+    for w in original.weights:
+        assert any(isinstance(p, memoryview) and np.shares_memory(np.asarray(p), w)
+                   for p in parts)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])

@@ -72,14 +72,45 @@ def test_non_contiguous_and_big_endian_arrays_are_sent_as_little_endian_values()
 
 
 def test_decode_wraps_the_received_bytes_without_copying_them() -> None:
-    out = decode(encode(Model(1, {"w": np.ones(1000, np.float32)})))
+    body = encode(Model(1, {"w": np.ones(1000, np.float32), "b": np.zeros(3, np.float32)}))
+    out = decode(body)
     assert isinstance(out, Model)
-    w = out.tensors["w"]
-    assert not w.flags.owndata and not w.flags.writeable
-    root = w
-    while isinstance(root, np.ndarray):
-        root = root.base
-    assert isinstance(root, bytes)  # the buffer msgpack produced, wrapped, not copied
+    for array in out.tensors.values():
+        assert not array.flags.owndata and not array.flags.writeable
+        # a view of the received body itself: msgpack's copy of each bin is skipped
+        assert np.shares_memory(array, np.frombuffer(body, np.uint8))
+    assert (out.tensors["w"] == 1).all() and (out.tensors["b"] == 0).all()
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 70000])
+def test_zero_copy_decode_reads_every_bin_width(size: int) -> None:
+    """bin 8, 16 and 32 headers, and tensors small enough to sit inside msgpack's read-ahead,
+    decode to the values the plain parser gives."""
+    tensors = {f"t{i}": np.arange(size + i, dtype=np.float32) for i in range(3)}
+    body = msgpack.packb({"v": SCHEMA_VERSION, "kind": "update", "party": "p", "seq": 0,
+                          "base_version": 0, "num_samples": 10,
+                          "tensors": [[k, "float32", [a.size], a.tobytes()]
+                                      for k, a in tensors.items()],
+                          "metrics": {"loss": 0.5}})
+    out = decode(body)
+    assert isinstance(out, Update) and out.metrics == {"loss": 0.5}
+    for k, a in tensors.items():
+        np.testing.assert_array_equal(out.tensors[k], a)
+
+
+def test_trailing_bytes_after_a_valid_update_are_refused() -> None:
+    body = encode(Update("p", 0, 0, 10, {"w": np.ones(4, np.float32)}))
+    with pytest.raises(InvalidMessage) as info:
+        decode(body + b"\x00")
+    assert info.value.reason == "not-msgpack"
+
+
+@pytest.mark.parametrize("cut", [1, 5, 17, 40])
+def test_a_body_cut_inside_a_tensor_is_refused(cut: int) -> None:
+    body = encode(Update("p", 0, 0, 10, {"w": np.ones(16, np.float32)}))
+    with pytest.raises(InvalidMessage) as info:
+        decode(body[:-cut])
+    assert info.value.reason == "not-msgpack"
 
 
 def raw(**fields: Any) -> bytes:
@@ -141,3 +172,20 @@ def test_a_body_over_the_size_limit_is_refused_before_parsing() -> None:
 def test_unknown_extra_fields_are_ignored_for_forward_compatibility() -> None:
     msg = decode(raw(future_field=[1, 2]))
     assert msg == Heartbeat("p", 1, sent_at=msg.sent_at)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_non_finite_values_are_refused_in_every_float_dtype(bad: float, dtype: type) -> None:
+    values = np.ones(5000, dtype)
+    values[4321] = bad
+    with pytest.raises(InvalidMessage) as info:
+        decode(encode(Model(1, {"w": values})))
+    assert info.value.reason == "non-finite"
+
+
+def test_huge_finite_values_are_not_taken_for_infinite() -> None:
+    """Their float32 sum of squares overflows; the exact check must still accept them."""
+    values = np.full(5000, 3e38, np.float32)
+    out = decode(encode(Model(1, {"w": values})))
+    assert isinstance(out, Model) and (out.tensors["w"] == values).all()
