@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import math
 import multiprocessing as mp
 import pstats
 import statistics
@@ -28,9 +29,11 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from aggregator import Aggregator, AggregatorConfig
 from benchmarks.codec import tensors_of
+from benchmarks.scale import ProcessProbe, broker_pid
 from messages.broker import Delivery, connect
 from messages.codec import decode, encode
 from messages.kinds import Join, Update, Welcome
@@ -55,29 +58,61 @@ def fill(url: str, queue: str, bodies: list[bytes]) -> None:
     proc.join()
 
 
-def raw(url: str, bodies: list[bytes], queue_type: str) -> float:
-    """Seconds from the first to the last delivery of a plain ack-only consumer."""
+@dataclass
+class Drain:
+    """How long draining the queue took, and the CPU that this process (the consumer) and
+    the local broker spent meanwhile: on 2 cores they compete, so CPU the consumer spends
+    per message is CPU the broker does not get."""
+
+    seconds: float
+    consumer_cpu: float
+    broker_cpu: float
+
+
+class Clock:
+    """Wall time and CPU seconds at the first and the last message of a drain."""
+
+    def __init__(self) -> None:
+        pid = broker_pid()
+        self.beam = ProcessProbe(pid) if pid is not None else None
+        self.marks: list[tuple[float, float, float]] = []
+
+    def mark(self) -> None:
+        self.marks.append((time.perf_counter(), time.process_time(),
+                           self.beam.cpu_seconds() if self.beam is not None else math.nan))
+
+    def drain(self, count: int) -> Drain:
+        """Scaled from the first-to-last interval (count - 1 messages) to ``count``."""
+        (t0, c0, b0), (t1, c1, b1) = self.marks[0], self.marks[-1]
+        scale = count / (count - 1)
+        return Drain((t1 - t0) * scale, (c1 - c0) * scale, (b1 - b0) * scale)
+
+
+def raw(url: str, bodies: list[bytes], queue_type: str) -> Drain:
+    """A plain ack-only consumer, from its first delivery to its last."""
     name = f"bench-raw-{uuid.uuid4().hex[:8]}"
     with connect(url) as broker:
         broker.declare_queue(name, arguments={"x-queue-type": queue_type})
-        times: list[float] = []
+        clock, seen = Clock(), [0]
 
         def on_message(d: Delivery) -> None:
-            times.append(time.perf_counter())
+            seen[0] += 1
+            if seen[0] in (1, len(bodies)):
+                clock.mark()
             broker.ack(d)
 
         fill(url, name, bodies)
-        broker.consume(name, on_message, prefetch=16)
-        while len(times) < len(bodies):
+        broker.consume(name, on_message, prefetch=32)  # the aggregator's default window
+        while seen[0] < len(bodies):
             broker.process_events(0.1)
         broker.delete_queue(name)
-    return times[-1] - times[0]
+    return clock.drain(len(bodies))
 
 
 def aggregated(url: str, millions: float, count: int, strategy: str, queue_type: str,
-               profile: cProfile.Profile | None = None) -> float:
-    """Seconds from the first to the last applied update of a queue filled beforehand
-    (the aggregator runs on this thread, so ``profile`` sees all of its work)."""
+               profile: cProfile.Profile | None = None) -> Drain:
+    """From the first to the last applied update of a queue filled beforehand (the
+    aggregator runs on this thread, so ``profile`` sees all of its work)."""
     federation = f"bench{uuid.uuid4().hex[:8]}"
     tensors = tensors_of(millions)
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -98,15 +133,15 @@ def aggregated(url: str, millions: float, count: int, strategy: str, queue_type:
                       for i in range(count)]
             fill(url, topology.updates, bodies)
             agg = Aggregator(config)  # resumes, then drains the full queue
-            times: list[float] = []
+            clock = Clock()
 
             def watch() -> None:
                 while agg.status.updates == 0:
                     time.sleep(0.001)
-                times.append(time.perf_counter())
+                clock.mark()
                 while agg.status.updates < count:
                     time.sleep(0.001)
-                times.append(time.perf_counter())
+                clock.mark()
                 agg.stop()
 
             watcher = threading.Thread(target=watch, daemon=True)
@@ -116,10 +151,9 @@ def aggregated(url: str, millions: float, count: int, strategy: str, queue_type:
             else:
                 profile.runcall(agg.run)
             watcher.join()
-            first, last = times
             for q in (topology.updates, topology.control, topology.dead):
                 broker.delete_queue(q)
-    return (last - first) * count / (count - 1)
+    return clock.drain(count)
 
 
 def _rotated(items: list[str], k: int) -> list[str]:
@@ -148,23 +182,27 @@ def main(argv: list[str] | None = None) -> int:
         # The broker's own rate drifts between runs (quorum-queue segments, Erlang GC), so
         # the three consumers take turns, --rounds times in rotating order, and the ratios
         # are between medians.
-        rates: dict[str, list[float]] = {"raw": [], "fedasync": [], "fedbuff": []}
+        drains: dict[str, list[Drain]] = {"raw": [], "fedasync": [], "fedbuff": []}
         profiles: dict[str, cProfile.Profile] = {}
         for round_ in range(ns.rounds):
-            for who in _rotated(list(rates), round_):
+            for who in _rotated(list(drains), round_):
                 if who == "raw":
-                    rates[who].append((ns.count - 1) / raw(url, [body] * ns.count,
-                                                           ns.queue_type))
+                    drains[who].append(raw(url, [body] * ns.count, ns.queue_type))
                     continue
                 profile = profiles.setdefault(who, cProfile.Profile()) if ns.profile else None
-                seconds = aggregated(url, ns.params, ns.count, who, ns.queue_type, profile)
-                rates[who].append(ns.count / seconds)
-        base_rate = statistics.median(rates["raw"])
-        for who, values in rates.items():
-            rate = statistics.median(values)
+                drains[who].append(aggregated(url, ns.params, ns.count, who, ns.queue_type,
+                                              profile))
+        base_rate = statistics.median(ns.count / d.seconds for d in drains["raw"])
+        print(f"{'consumer':<20} {'rate /s':>9} {'MB/s':>8} {'ms':>7} {'vs raw':>7} "
+              f"{'CPU ms/msg: consumer':>21} {'broker':>7}  runs (/s)")
+        for who, runs in drains.items():
+            rate = statistics.median(ns.count / d.seconds for d in runs)
+            mine = statistics.median(d.consumer_cpu / ns.count * 1e3 for d in runs)
+            theirs = statistics.median(d.broker_cpu / ns.count * 1e3 for d in runs)
             label = "raw consume+ack" if who == "raw" else f"aggregator {who}"
-            print(f"{label:<24} {rate:9.1f} /s {rate * mb:9.1f} MB/s {1e3 / rate:7.3f} ms  "
-                  f"{rate / base_rate:5.3f}x   (runs: {' '.join(f'{v:.0f}' for v in values)})")
+            print(f"{label:<20} {rate:9.1f} {rate * mb:8.1f} {1e3 / rate:7.3f} "
+                  f"{rate / base_rate:6.3f}x {mine:21.3f} {theirs:7.3f}  "
+                  f"{' '.join(f'{ns.count / d.seconds:.0f}' for d in runs)}")
             if who in profiles:
                 breakdown(profiles[who], ns.count * ns.rounds)
     return 0

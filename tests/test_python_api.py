@@ -38,7 +38,10 @@ def test_a_federation_runs_from_python_and_returns_a_keras_model(strategy: str) 
     assert agg.wait(240), stuck(agg, parties)
     for p in parties:
         assert p.wait(60)
-        assert p.stats.updates_sent > 0 and p.stats.stopped_by.startswith("aggregator")
+        assert p.stats.stopped_by.startswith("aggregator")
+    # Asynchronously one party may make all 8 versions while the other's first fit is still
+    # tracing (seen on a loaded CI machine); sync FedAvg needs both every round (below).
+    assert sum(p.stats.updates_sent for p in parties) >= 8
     history = agg.history
     assert history[-1]["version"] == 8 and history[-1]["accuracy"] > history[0]["accuracy"]
     model = agg.global_model()
@@ -47,6 +50,7 @@ def test_a_federation_runs_from_python_and_returns_a_keras_model(strategy: str) 
     assert agg.status.updates >= 8
     if strategy == "fedavg":  # sync rounds: one update from each party per version
         assert agg.status.updates == 16
+        assert all(p.stats.updates_sent >= 8 for p in parties)
 
 
 def test_a_saved_model_is_the_starting_point_of_a_new_federation(tmp_path: Path) -> None:
