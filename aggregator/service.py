@@ -235,7 +235,6 @@ class Aggregator(BackgroundService):
         """When the federation is over, tell the parties so they exit too."""
         if self.status.finished is not None:
             self._to_parties(broker, encode(Stop(self.status.version, self.status.finished)))
-            broker.settle()
             self._stop_sent = True
 
     def _stop_after_disconnect(self) -> None:
@@ -515,16 +514,9 @@ class Aggregator(BackgroundService):
 
     # -- authenticity ----------------------------------------------------------------------
     def _to_parties(self, broker: Broker, body: bytes) -> None:
-        """Every party's model queue: models, announcements, stop and rejoin requests.
-
-        Not waited for: a fanout to hundreds of queues whose consumers are behind confirms
-        slowly, and that wait held up updates, acks and the control queue
-        (``benchmarks/scale.py``). A lost broadcast is repaired by the next; all of them go
-        on one channel, so a party's queue (which keeps only the newest) never sees an
-        older one after a newer. The stop is settled before disconnecting.
-        """
+        """Every party's model queue: models, announcements, stop and rejoin requests."""
         broker.publish(self.topology.models, "", body, headers=self._signed(body),
-                       persistent=False, confirm=False)
+                       persistent=False)
 
     def _signed(self, body: bytes) -> dict[str, str] | None:
         """Signature headers for what the aggregator sends, when it has a key."""

@@ -44,13 +44,6 @@ class Delivery:
     stands for. Acking or nacking it settles them."""
 
 
-def check_confirm(confirm: bool, mandatory: bool) -> None:
-    """An unconfirmed publish cannot report that no queue took it."""
-    if mandatory and not confirm:
-        raise ValueError("mandatory publishing needs confirm=True: the broker reports an "
-                         "unroutable message in the confirm")
-
-
 def check_headers(headers: Mapping[str, Any] | None) -> Headers:
     """AMQP tables (as pika encodes them) cannot carry floats; refuse them on both brokers."""
     out: Headers = dict(headers or {})
@@ -104,23 +97,13 @@ class Broker(abc.ABC):
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
                 headers: Mapping[str, Any] | None = None, persistent: bool = True,
                 mandatory: bool = False, reply_to: str | None = None,
-                correlation_id: str | None = None, confirm: bool = True) -> None:
+                correlation_id: str | None = None) -> None:
         """Publish and wait for the broker's confirm.
 
         Raises ``PublishRejected`` when the broker nacks (e.g. a full ``reject-publish``
         queue) or, with ``mandatory``, when no queue took the message. Returning means the
         broker has the message (on disk, for persistent messages on durable queues).
-
-        ``confirm=False`` sends without waiting (not with ``mandatory``): for messages whose
-        loss the next one repairs, such as model broadcasts, where waiting for a fanout to
-        many slow queues would hold up the sender. Unconfirmed publishes of one connection
-        keep their order among themselves, not against confirmed ones; ``settle`` waits
-        until the broker has taken them all.
         """
-
-    @abc.abstractmethod
-    def settle(self) -> None:
-        """Return once the broker has taken every ``confirm=False`` publish made so far."""
 
     # -- consuming -------------------------------------------------------------------------
     @abc.abstractmethod

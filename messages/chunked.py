@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from messages.broker import Broker, Delivery, Handler, check_confirm
+from messages.broker import Broker, Delivery, Handler
 from messages.chunking import (
     CHUNK_COUNT,
     CHUNK_ID,
@@ -154,14 +154,12 @@ class ChunkedBroker(Broker):
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
                 headers: Mapping[str, Any] | None = None, persistent: bool = True,
                 mandatory: bool = False, reply_to: str | None = None,
-                correlation_id: str | None = None, confirm: bool = True) -> None:
+                correlation_id: str | None = None) -> None:
         if len(body) <= self.max_chunk_bytes:
             self.inner.publish(exchange, routing_key, body, headers=headers,
                                persistent=persistent, mandatory=mandatory, reply_to=reply_to,
-                               correlation_id=correlation_id, confirm=confirm)
+                               correlation_id=correlation_id)
             return
-        # chunks are always confirmed: a set is resumed from its first unconfirmed chunk
-        check_confirm(confirm, mandatory)
         where, fixed = (exchange, routing_key), dict(headers or {})
         r = self._resume
         if r is not None and r.body is body and r.where == where and r.headers == fixed:
@@ -180,9 +178,6 @@ class ChunkedBroker(Broker):
             except BrokerError:
                 self._resume = _Resume(body, where, fixed, plan, i)
                 raise
-
-    def settle(self) -> None:
-        self.inner.settle()
 
     # -- consuming -------------------------------------------------------------------------
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 0,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from messages.broker import Broker, Delivery, Handler, check_confirm, check_headers
+from messages.broker import Broker, Delivery, Handler, check_headers
 from messages.errors import (
     AccessRefused,
     BrokerError,
@@ -170,15 +170,10 @@ class MemoryBroker(Broker):
             return len(self._queue(name).messages)
 
     # -- publishing ------------------------------------------------------------------------
-    def settle(self) -> None:
-        """Nothing to wait for: every publish here is routed before it returns."""
-
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
                 headers: Mapping[str, Any] | None = None, persistent: bool = True,
                 mandatory: bool = False, reply_to: str | None = None,
-                correlation_id: str | None = None, confirm: bool = True) -> None:
-        # every publish is routed before it returns: confirmed or not is the same here
-        check_confirm(confirm, mandatory)
+                correlation_id: str | None = None) -> None:
         self._check_open()
         if self.max_message_bytes is not None and len(body) > self.max_message_bytes:
             # what RabbitMQ does: the channel is closed with 406 PRECONDITION_FAILED

@@ -1,12 +1,10 @@
 """``amqp://`` and ``amqps://``: RabbitMQ through pika. The only module that imports pika.
 
-One BlockingConnection with one channel in publisher-confirm mode, and a second channel,
-opened on first use, for ``confirm=False`` publishes (so they keep their order). pika's
-errors are turned into the project's tree here (``ConnectionLost`` when reconnecting can
-help, ``AccessRefused`` when the broker refused on purpose, ``TLSRefused`` when the TLS
-handshake failed), so callers never catch pika types. ``amqps://`` URLs carry their TLS
-settings as query parameters (``messages.tls``), which are taken out before pika sees the
-URL.
+One BlockingConnection with one channel in publisher-confirm mode. pika's errors are turned
+into the project's tree here (``ConnectionLost`` when reconnecting can help, ``AccessRefused``
+when the broker refused on purpose, ``TLSRefused`` when the TLS handshake failed), so callers
+never catch pika types. ``amqps://`` URLs carry their TLS settings as query parameters
+(``messages.tls``), which are taken out before pika sees the URL.
 """
 
 from __future__ import annotations
@@ -21,15 +19,7 @@ import pika
 import pika.exceptions as pe
 
 from messages import tls
-from messages.broker import (
-    Broker,
-    Delivery,
-    Handler,
-    check_broker_url,
-    check_confirm,
-    check_headers,
-    mask_url,
-)
+from messages.broker import Broker, Delivery, Handler, check_broker_url, check_headers, mask_url
 from messages.errors import (
     AccessRefused,
     BrokerError,
@@ -104,7 +94,6 @@ class RabbitBroker(Broker):
             self._conn = self._open(params, options)
             self._ch = self._conn.channel()
             self._ch.confirm_delivery()
-        self._unconfirmed: Any = None
         self._replying = False
 
     @staticmethod
@@ -141,13 +130,6 @@ class RabbitBroker(Broker):
                 self._ch.confirm_delivery()
                 self._replying = False
         return self._ch
-
-    def _unconfirmed_channel(self) -> Any:
-        """The channel without publisher confirms, opened on first use (and reopened)."""
-        if self._unconfirmed is None or not self._unconfirmed.is_open:
-            with _translated("opening the unconfirmed channel"):
-                self._unconfirmed = self._conn.channel()
-        return self._unconfirmed
 
     # -- topology --------------------------------------------------------------------------
     def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> None:
@@ -193,24 +175,14 @@ class RabbitBroker(Broker):
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
                 headers: Mapping[str, Any] | None = None, persistent: bool = True,
                 mandatory: bool = False, reply_to: str | None = None,
-                correlation_id: str | None = None, confirm: bool = True) -> None:
-        check_confirm(confirm, mandatory)
+                correlation_id: str | None = None) -> None:
         props = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent if persistent else None,
             headers=check_headers(headers) or None, reply_to=reply_to,
             correlation_id=correlation_id)
         with _translated(f"publishing to {exchange or routing_key!r}"):
-            ch = self._channel() if confirm else self._unconfirmed_channel()
-            ch.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
-                             properties=props, mandatory=mandatory)
-
-    def settle(self) -> None:
-        if self._unconfirmed is None:
-            return
-        # A synchronous method on the same channel: the broker answers it only after it
-        # has handled (routed) everything published on that channel before it.
-        with _translated("settling unconfirmed publishes"):
-            self._unconfirmed_channel().basic_qos(prefetch_count=0)
+            self._channel().basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                                          properties=props, mandatory=mandatory)
 
     # -- consuming -------------------------------------------------------------------------
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 0,

@@ -140,27 +140,6 @@ def test_a_max_length_one_drop_head_queue_keeps_only_the_newest(brokers: Brokers
     assert b.get(q) is None
 
 
-def test_unconfirmed_publishes_arrive_in_order_once_settled(brokers: Brokers) -> None:
-    """The aggregator's broadcasts: not waited for one by one, never reordered, and all
-    taken by the broker after ``settle`` (the stop before it disconnects)."""
-    b = brokers.open()
-    t = brokers.topology
-    t.declare(b)
-    inbox = t.declare_model_queue(b, "fast")
-    slow = t.declare_model_queue(b, "slow")  # keeps only the newest: the order decides
-    got = collect(b, inbox)
-    for v in range(20):
-        b.publish(t.models, "", f"v{v}".encode(), persistent=False, confirm=False)
-    b.settle()
-    assert b.queue_depth(slow) == 1
-    newest = b.get(slow)
-    assert newest is not None and newest.body == b"v19"
-    pump(b, lambda: len(got) == 20)
-    assert [d.body for d in got] == [f"v{v}".encode() for v in range(20)]
-    with pytest.raises(ValueError, match="confirm"):
-        b.publish(t.models, "", b"x", mandatory=True, confirm=False)
-
-
 def test_a_full_reject_publish_queue_refuses_the_publish(brokers: Brokers) -> None:
     from messages.topology import Topology
 
