@@ -163,7 +163,7 @@ def _pack_tensors(tensors: Tensors) -> list[list[Any]]:
         dtype = _WIRE_NAMES.get(a.dtype)  # dtype.name is a slow property: map the dtype
         if dtype is None:
             raise InvalidMessage("bad-dtype", f"tensor {name!r} has dtype {a.dtype.name}")
-        if a.dtype.byteorder == ">":
+        if a.dtype != ALLOWED_DTYPES[dtype]:  # the wire is little-endian
             a = a.astype(ALLOWED_DTYPES[dtype])
         data = memoryview(a.reshape(-1)).cast("B") if a.size else memoryview(b"")  # type: ignore[arg-type]
         packed.append([name, dtype, list(a.shape), data])
@@ -185,7 +185,7 @@ def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
         raise InvalidMessage("too-large", f"{len(body)} bytes > limit {max_bytes}")
     try:
         raw = _unpack_map(body, max_bytes)
-    except Exception:  # pragma: no branch - the plain parser below says what is wrong
+    except Exception:  # not a well-formed map: the plain parser says what is wrong
         raw = _classify(body, max_bytes)
     if raw.get("v") != SCHEMA_VERSION:
         raise InvalidMessage("bad-version", f"schema version {raw.get('v')!r}, "
