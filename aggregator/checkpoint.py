@@ -206,3 +206,29 @@ class CheckpointStore:
             log.info("resuming from %s: version %d", path.name, state.version)
             return state
         return None
+
+    @property
+    def _mark(self) -> Path:
+        return self.directory / "broadcast-version"
+
+    def broadcast_mark(self) -> int:
+        """The highest model version ever broadcast from this folder's state (-1: none)."""
+        try:
+            return int(self._mark.read_text().strip())
+        except (OSError, ValueError):
+            return -1
+
+    def mark_broadcast(self, version: int) -> None:
+        """Record, before it is sent, that model ``version`` is about to be broadcast.
+
+        A checkpoint lags the newest version by up to a batch, so an aggregator that restarts
+        from it would otherwise broadcast a *different* model under version numbers the
+        parties already hold. Written atomically (temp file, rename) on every broadcast (at
+        most every ``--broadcast-interval``); not fsynced, as a process crash keeps the page
+        cache (a power loss would lose the parties' models as well), and the next
+        checkpoint's fsync of the folder makes it durable.
+        """
+        tmp = self.directory / ".broadcast-version.tmp"
+        tmp.write_text(str(version))
+        os.replace(tmp, self._mark)
+

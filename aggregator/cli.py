@@ -13,6 +13,7 @@ from messages.cli import (
     Parser,
     add_common_options,
     add_daemon_options,
+    add_insecure_option,
     bind_settings,
     run_daemon,
 )
@@ -116,11 +117,22 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
                    help="unacked messages the broker may push to the aggregator (default 32)")
     d.add_argument("--lease-seconds", type=float,
                    help="a party that sends nothing for this long is considered gone")
+    d.add_argument("--delivery-limit", type=int, metavar="N",
+                   help="RabbitMQ dead-letters a message after N+1 deliveries (it crashed "
+                        "or stalled the aggregator N+1 times): no crash loop lasts longer")
+    lim = parser.add_argument_group("limits")
+    lim.add_argument("--max-parties", type=int, metavar="N",
+                     help="refuse joins of new party ids past N known parties (the longest-"
+                          "gone party that left or expired makes room)")
+    lim.add_argument("--join-rate", type=float, metavar="PER_S",
+                     help="take joins at most this often (each costs a checkpoint and a full "
+                          "model); refused joins are dead-lettered and parties ask again")
     sec = parser.add_argument_group("security")
     sec.add_argument("--keys", dest="keys_dir", metavar="DIR",
                      help="require every party message to be signed: DIR holds each party's "
                           "<id>.pub (Ed25519) or <id>.secret (HMAC) and aggregator.key, with "
                           "which models are signed (made by `dfl admin`)")
+    add_insecure_option(sec)
     bind_settings(parser, AggregatorConfig)
     return parser
 

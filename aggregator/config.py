@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from messages.settings import FederationSettings
+from messages.topology import DEFAULT_DELIVERY_LIMIT
 from messages.types import Settings
 
 
@@ -57,6 +58,11 @@ class AggregatorConfig(FederationSettings):
     # twice the checkpoint batch: acks come a batch at a time, so a window no larger than
     # the batch leaves the broker nothing to send while a checkpoint is written
     prefetch: int = Field(default=32, ge=1)
+    # the broker as the last line: deliveries of one message before RabbitMQ dead-letters it
+    delivery_limit: int = Field(default=DEFAULT_DELIVERY_LIMIT, ge=1, le=1000)
+    # control-plane limits (aggregator.admission)
+    max_parties: int = Field(default=1000, ge=1)
+    join_rate: float = Field(default=20.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorConfig:
@@ -66,7 +72,17 @@ class AggregatorConfig(FederationSettings):
             raise ValueError(f"--aggregation {self.aggregation} needs --strategy fedbuff")
         if self.max_update_norm is not None and self.strategy == "fedavg":
             raise ValueError("--max-update-norm needs --strategy fedasync or fedbuff")
+        if self.queue_type == "classic" and self.broker.startswith("amqp"):
+            raise ValueError("--queue-type classic: classic queues have no delivery limit on "
+                             "RabbitMQ 3.x, so a message that crashes the aggregator would be "
+                             "redelivered forever; use --queue-type quorum")
         return self
+
+    def _missing_keys(self) -> tuple[list[str], str]:
+        if self.keys_dir:
+            return [], ""
+        return ["--keys"], ("make keys with `dfl admin add-aggregator --keys DIR` and "
+                            "`dfl admin add-party ID --keys DIR`, then pass --keys DIR")
 
     @property
     def sync(self) -> bool:

@@ -21,6 +21,12 @@ class AggregatorMetrics(MetricsEndpoint):
                                registry=r)
         self.rejected = Counter("dfl_updates_rejected", "Messages dead-lettered, by reason",
                                 ["reason"], registry=r)
+        self.internal_errors = Counter(
+            "dfl_internal_errors", "Deliveries whose handling raised an unexpected exception "
+            "(dead-lettered as internal-error)", registry=r)
+        self.dead_queue_depth = Gauge(
+            "dfl_dead_queue_depth", "Messages in F.dead: dead letters, their reason records, "
+            "and those the broker dead-lettered at the delivery limit", registry=r)
         self.duplicates = Counter("dfl_updates_duplicate",
                                   "Replayed or redelivered (party, seq) dropped", registry=r)
         self.staleness = Histogram("dfl_update_staleness",

@@ -25,6 +25,8 @@ class Status:
     active_parties: int = 0
     checkpoints: int = 0
     finished: str | None = None
+    dead_letters: int = 0
+    """Messages in ``F.dead`` (read every few seconds); ``dfl dead`` lists them."""
 
 
 
@@ -50,6 +52,7 @@ def status_report(federation: str, strategy: str, status: Status, membership: Me
         "updates_per_second": round(status.updates_per_second, 2),
         "duplicates": status.duplicates, "discarded": status.discarded,
         "dead_lettered": dict(sorted(status.rejected.items())),
+        "dead_queue": status.dead_letters,
         "accuracy": status.accuracy, "checkpoints": status.checkpoints,
         "active_parties": sum(1 for p in membership.parties.values() if p.active),
         "uptime_seconds": round(uptime, 1), "finished": status.finished, "parties": parties,

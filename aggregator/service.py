@@ -24,22 +24,27 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.admission import Admission
+from aggregator.boundary import dead_lettered, guard
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
+from aggregator.outcomes import DeliveryEvent, Ending, Observers
 from aggregator.report import Status, status_report
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
 from aggregator.validation import check_update
 from messages.allocator import keep_large_buffers
+from messages.bounds import MAX_INCARNATION, SEQ_RANGE
 from messages.broker import Broker, Delivery, connect
-from messages.chunked import chunked
+from messages.chunked import ChunkedBroker, chunked
 from messages.chunking import model_size_bound
 from messages.codec import decode, encode
-from messages.errors import ConfigError, FederationError, InvalidMessage
-from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Welcome
+from messages.envelope import check_envelope
+from messages.errors import ConfigError, FederationError, InvalidMessage, StateError
+from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Update, Welcome
 from messages.plugins import build_model
 from messages.signing import (
     AGGREGATOR,
@@ -56,8 +61,10 @@ from messages.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
 
 log = logging.getLogger("dfl.aggregator")
-SEQ_RANGE = 1 << 32
-"""Each join of a party opens a fresh range of ``seq`` numbers this wide."""
+CRASH_HOOK = "DFL_TEST_CRASH_PARTY"
+"""Test-only fault injection: an aggregator started with this variable set exits at once
+(``os._exit(70)``, as a crash would) when it reads an update of that party, so tests can show
+that the broker's delivery limit ends a crash loop. Nothing sets it outside tests."""
 
 
 class Aggregator(BackgroundService):
@@ -74,7 +81,7 @@ class Aggregator(BackgroundService):
         super().__init__()
         self.config = config
         self.topology = Topology(config.federation, config.queue_type,
-                                 config.updates_max_length)
+                                 config.updates_max_length, config.delivery_limit)
         staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
         self.strategy = make_strategy(config.strategy, staleness=staleness,
                                       alpha=config.mixing_alpha, k=config.buffer_k,
@@ -82,6 +89,10 @@ class Aggregator(BackgroundService):
                                       trim_fraction=config.trim_fraction,
                                       max_update_norm=config.max_update_norm)
         self.membership = Membership(config.lease_seconds)
+        self.admission = Admission(config.max_parties, config.join_rate)
+        self.observers = Observers()
+        self.observers.add(self._account)
+        self._crash_party = os.environ.get(CRASH_HOOK)
         self._keyring: Keyring | None = None
         self._signer: Signer | None = None
         self._keys_mtime = 0
@@ -103,7 +114,7 @@ class Aggregator(BackgroundService):
                           if config.evaluate else None)
         self.metrics = AggregatorMetrics()
         self._stop = threading.Event()
-        self._broker: Broker | None = None
+        self._broker: ChunkedBroker | None = None
         self._started = 0.0
         self._applied_times: deque[float] = deque(maxlen=200)
         self._last_eval_version = -1
@@ -114,6 +125,9 @@ class Aggregator(BackgroundService):
         self._broadcast_due = False
         self._broadcast_at = 0.0  # the earliest time of the next coalesced broadcast
         self._rejoin_asked_at = 0.0
+        self._rejoin_asked: dict[str, float] = {}  # party -> when it alone was asked
+        self._probation: dict[str, str] = {}  # queue -> its consumer at prefetch 1 (_session)
+        self._settled: Delivery | None = None  # a delivery its handler acked or requeued
         # deliveries handled but not yet acked: acked together at the next commit
         self._unacked: Delivery | None = None
         self._uncommitted = 0
@@ -178,12 +192,23 @@ class Aggregator(BackgroundService):
         cfg = self.config
         # chunks of big updates and joins stay unacked until their message is whole and
         # handled; sets that fail or stall go to _reject (dead-lettered, never applied)
-        broker = self._broker = chunked(connect(cfg.broker), cfg, reject=self._reject)
+        broker = self._broker = chunked(
+            connect(cfg.broker), cfg,
+            reject=lambda d, exc: self.observers.notify(
+                dead_lettered(d, exc.reason, exc.detail, self._dead_letter)))
         self._unacked, self._uncommitted = None, 0  # tags of a dead channel mean nothing
         try:
             self.topology.declare(broker)
-            broker.consume(self.topology.control, self._on_control, prefetch=cfg.prefetch)
-            broker.consume(self.topology.updates, self._on_update, prefetch=cfg.prefetch)
+            # Probation: each consumer starts with a window of one delivery, and every delivery
+            # is committed on its own, until one arrives that the broker had not delivered
+            # before. After a crash the messages it left unacked come back first; handled one
+            # at a time, a message that crashes us again is the only one whose delivery count
+            # grows, so the broker's delivery limit ends a crash loop without ever counting an
+            # innocent message out with it.
+            self._probation = {
+                queue: broker.consume(queue, self._guarded(handle), prefetch=1)
+                for queue, handle in ((self.topology.control, self._handle_control),
+                                      (self.topology.updates, self._handle_update))}
             connected()
             log.info("aggregator up: federation %s, %s/%s, version %d, waiting for %d parties",
                      cfg.federation, cfg.strategy, cfg.staleness, self.status.version,
@@ -203,6 +228,24 @@ class Aggregator(BackgroundService):
             self._broker = None
             broker.close()
 
+    def _guarded(self, handle: Any) -> Any:
+        """``handle`` inside the delivery boundary (``aggregator.boundary``)."""
+        boundary = guard(handle, reject=self._dead_letter, notify=self.observers.notify)
+
+        def handler(d: Delivery) -> None:
+            self._settled = None
+            event = boundary(d)
+            if event.ending is not Ending.DEAD_LETTERED and self._settled is not d:
+                self._handled(d)  # after the observers: a checkpoint holds their counts too
+            if d.queue in self._probation:
+                self._commit()
+            if not d.redelivered and d.queue in self._probation and self._broker is not None:
+                # a fresh delivery: the redelivered ones are behind us; open the full window
+                self._commit()
+                self._broker.set_prefetch(self._probation.pop(d.queue), self.config.prefetch)
+
+        return handler
+
     def _tick(self) -> None:
         cfg = self.config
         elapsed = time.monotonic() - self._started
@@ -214,6 +257,8 @@ class Aggregator(BackgroundService):
         if self._broker is not None and time.monotonic() - self._depth_at > 5:
             self._depth_at = time.monotonic()
             self.metrics.queue_depth.set(self._broker.queue_depth(self.topology.updates))
+            self.status.dead_letters = self._broker.queue_depth(self.topology.dead)
+            self.metrics.dead_queue_depth.set(self.status.dead_letters)
         if ((self._uncommitted or self._dirty) and time.monotonic() - self._uncommitted_since
                 >= cfg.checkpoint_every_seconds):
             self._commit(force=True)
@@ -282,7 +327,12 @@ class Aggregator(BackgroundService):
         if self._unacked is None and not (force and self._dirty):
             return
         if self.store is not None:
-            self.store.save(self._snapshot())
+            try:
+                self.store.save(self._snapshot())
+            except (OSError, ValueError, TypeError) as exc:
+                raise StateError(f"cannot write a checkpoint to {self.config.checkpoint_dir}: "
+                                 f"{exc}; stopping (a restart resumes from the last one)"
+                                 ) from exc
             self.status.checkpoints += 1
         self._dirty = False
         if self._unacked is not None and self._broker is not None:
@@ -303,6 +353,15 @@ class Aggregator(BackgroundService):
     def _restore(self, state: AggregatorState) -> None:
         s = self.status
         s.version, s.released = state.version, state.released
+        assert self.store is not None
+        sent = self.store.broadcast_mark()
+        if sent > state.version:
+            # Versions up to ``sent`` went out with models this checkpoint does not hold: its
+            # model continues under a version never used, so no party holds two models under
+            # one number (parties rejoin and take it from their welcome).
+            s.version = sent + 1
+            log.warning("the checkpoint holds version %d but version %d was broadcast: "
+                        "continuing as version %d", state.version, sent, s.version)
         self.names, self.weights = state.names, state.weights
         self.spec = spec_of(dict(zip(self.names, self.weights, strict=True)))
         self.last_seq, self.incarnation = state.last_seq, state.incarnation
@@ -352,49 +411,71 @@ class Aggregator(BackgroundService):
                                   f"({record['accuracy']:.4f} at version {record['version']})")
 
     # -- control: join / leave / heartbeat -------------------------------------------------
-    def _on_control(self, d: Delivery) -> None:
+    def _handle_control(self, d: Delivery) -> DeliveryEvent:
+        """One control message (join, leave, heartbeat, query); raises ``InvalidMessage``
+        (dead-lettered by the boundary) before it changes anything."""
         assert self._broker is not None
-        try:
-            signer = self._verified(d, query_ok=True)
-            msg = decode(d.body, self.config.max_message_bytes)
-            if self._keyring is not None:
-                if signer is None and not isinstance(msg, Query):
-                    raise InvalidMessage("unsigned", f"an unsigned {msg.KIND} message")
-                if signer is not None and isinstance(msg, Join | Leave | Heartbeat):
-                    check_signer(signer, msg.party)
-            if isinstance(msg, Join):
-                # The join is on disk before the party hears of it, so an update it sends
-                # next can never reach a restarted aggregator that does not know it.
-                welcome = encode(self._welcome(msg))
-                self._handled(d)
-                self._commit(force=True)
-                self._broker.reply(d, welcome, headers=self._signed(welcome))
-                return
-            if isinstance(msg, Heartbeat):
-                self._heard_from(msg.party)
-            elif isinstance(msg, Query):
-                answer = encode(self._answer(msg))
-                self._broker.reply(d, answer, headers=self._signed(answer))
-            elif isinstance(msg, Leave):
-                log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
-                if self.membership.leave(msg.party):
-                    self._parties_changed()
-            else:
-                raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on control")
-        except InvalidMessage as exc:
-            self._reject(d, exc)
-            return
-        self._handled(d)
+        check_envelope(d, replies=True)
+        signer = self._verified(d, query_ok=True)
+        msg = decode(d.body, self.config.max_message_bytes)
+        if self._keyring is not None:
+            if signer is None and not isinstance(msg, Query):
+                raise InvalidMessage("unsigned", f"an unsigned {msg.KIND} message")
+            if signer is not None and isinstance(msg, Join | Leave | Heartbeat):
+                check_signer(signer, msg.party)
+        event = DeliveryEvent(Ending.APPLIED, d.queue, msg.KIND, str(getattr(msg, "party", "")))
+        if isinstance(msg, Join):
+            # Joins cost a checkpoint and a full model each: new parties are admitted up to
+            # --max-parties, and all joins at --join-rate (a refused one is dead-lettered; a
+            # genuine party's join times out and is sent again).
+            self.admission.admit(msg.party, self.membership)
+            # The join is on disk before the party hears of it, so an update it sends
+            # next can never reach a restarted aggregator that does not know it.
+            welcome = encode(self._welcome(msg))
+            self._handled(d)
+            self._settled = d
+            self._commit(force=True)
+            self._broker.reply(d, welcome, headers=self._signed(welcome))
+            return event
+        if isinstance(msg, Heartbeat):
+            self._heard_from(msg.party)
+        elif isinstance(msg, Query):
+            answer = encode(self._answer(msg))
+            self._broker.reply(d, answer, headers=self._signed(answer))
+        elif isinstance(msg, Leave):
+            log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
+            if self.membership.leave(msg.party):
+                self._parties_changed()
+        else:
+            raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on control")
+        return event
 
     def _heard_from(self, party: str) -> None:
-        """A heartbeat: renew the lease; an unknown party is asked to join again."""
+        """A heartbeat: renew the lease; an unknown party alone is asked to join again."""
         if party not in self.membership.parties:
-            self._announce_rejoin()
+            self._ask_to_rejoin(party)
             return
         was_active = self.membership.parties[party].active
         self.membership.seen(party)
         if not was_active:  # back from an expired lease: sync rounds count it again
             self._parties_changed()
+
+    def _ask_to_rejoin(self, party: str) -> None:
+        """Ask ``party`` alone (its own model queue) to join again, at most every few seconds.
+
+        A party the aggregator does not know (it restarted from an older checkpoint, or lost
+        the party's lease) learns it this way; a made-up party id costs one small message to
+        a queue that does not exist, and disturbs no live party.
+        """
+        now = time.monotonic()
+        if self._broker is None or now - self._rejoin_asked.get(party, -1e9) < 5:
+            return
+        if len(self._rejoin_asked) >= 4 * self.config.max_parties:
+            self._rejoin_asked.clear()  # bounded: forgetting only allows one more ask
+        self._rejoin_asked[party] = now
+        body = encode(Query("rejoin"))
+        self._broker.publish("", self.topology.model_queue(party), body,
+                             headers=self._signed(body), persistent=False)
 
     def _announce_rejoin(self) -> None:
         """Ask every party to join again (at most every few seconds)."""
@@ -426,11 +507,14 @@ class Aggregator(BackgroundService):
         elif join.tensors and spec_of(join.tensors) != self.spec:
             return refuse("model mismatch: the party's model has other tensor names, dtypes "
                           "or shapes than the federation's (check --model)")
-        self.membership.join(join.party, join.num_samples, join.software)
         # a fresh seq range above both the previous range and any seq already applied
-        incarnation = self.incarnation[join.party] = max(
-            self.incarnation.get(join.party, 0) + 1,
-            self.last_seq.get(join.party, -1) // SEQ_RANGE + 1)
+        incarnation = max(self.incarnation.get(join.party, 0) + 1,
+                          self.last_seq.get(join.party, -1) // SEQ_RANGE + 1)
+        if incarnation > MAX_INCARNATION:
+            return refuse(f"joined {MAX_INCARNATION} times: no seq range left; "
+                          "remove and add the party again (dfl admin)")
+        self.incarnation[join.party] = incarnation
+        self.membership.join(join.party, join.num_samples, join.software)
         log.info("party %s joined at version %d (%d samples); %d active", join.party,
                  self.status.version, join.num_samples, len(self.membership.active))
         if self.status.released:
@@ -461,56 +545,85 @@ class Aggregator(BackgroundService):
             self._new_version()
 
     # -- updates ---------------------------------------------------------------------------
-    def _on_update(self, d: Delivery) -> None:
+    def _handle_update(self, d: Delivery) -> DeliveryEvent:
+        """The stages of one update: envelope, signature, decode, validate (with dedupe), then
+        the strategy, the only stage that changes state; every stage before it may refuse
+        the message (``InvalidMessage``) and changes nothing."""
         assert self._broker is not None
         if self._stop.is_set():  # finishing: leave it for whoever serves the queue next
             self._broker.nack(d, requeue=True)
-            return
+            self._settled = d
+            return DeliveryEvent(Ending.DUPLICATE, d.queue, "update", reason="requeued")
         cfg = self.config
         began = time.perf_counter()
+        check_envelope(d)
+        signer = self._verified(d)
+        message = decode(d.body, cfg.max_message_bytes)
+        if self._crash_party is not None and getattr(message, "party", None) == self._crash_party:
+            os._exit(70)  # CRASH_HOOK: a test's stand-in for a bug that kills the process
+        if signer is not None:
+            check_signer(signer, str(getattr(message, "party", "")))
         try:
-            signer = self._verified(d)
-            message = decode(d.body, cfg.max_message_bytes)
-            if signer is not None:
-                check_signer(signer, str(getattr(message, "party", "")))
-            update = check_update(message,
-                                  parties=self.membership.parties, spec=self.spec,
+            update = check_update(message, parties=self.membership.parties, spec=self.spec,
                                   version=self.status.version, max_staleness=cfg.max_staleness,
-                                  last_seq=self.last_seq, max_abs=cfg.max_delta_abs)
+                                  last_seq=self.last_seq, granted=self.incarnation,
+                                  max_abs=cfg.max_delta_abs)
         except InvalidMessage as exc:
-            if exc.reason == "unknown-party":
-                self._announce_rejoin()
-            self._reject(d, exc)
-            return
+            if exc.reason == "unknown-party" and isinstance(message, Update):
+                self._ask_to_rejoin(message.party)
+            raise
         if update is None:  # a replayed or redelivered (party, seq): already in the state
-            self.status.duplicates += 1
-            self.metrics.duplicates.inc()
-            self._handled(d)
-            return
+            assert isinstance(message, Update)
+            return DeliveryEvent(Ending.DUPLICATE, d.queue, "update", message.party,
+                                 message.seq)
         staleness = self.status.version - update.base_version
-        outcome = self.strategy.offer(self.weights, Contribution(
-            update.party, list(update.tensors.values()), update.num_samples, staleness))
+        try:
+            outcome = self.strategy.offer(self.weights, Contribution(
+                update.party, list(update.tensors.values()), update.num_samples, staleness))
+        except Exception as exc:
+            # the strategy may have changed the weights half-way: they cannot be trusted
+            raise StateError(f"the strategy failed applying {update.party}#{update.seq} "
+                             f"({type(exc).__name__}: {exc}); stopping, a restart resumes "
+                             "from the last checkpoint") from exc
         self.last_seq[update.party] = update.seq
         self.membership.seen(update.party)
-        if outcome is Outcome.DISCARDED:
-            self.status.discarded += 1
-        else:
+        if outcome is not Outcome.DISCARDED:
             self.membership.record(update.party, staleness, update.base_version, update.metrics)
-            self.status.updates += 1
-            self.metrics.applied.inc()
-            self.metrics.staleness.observe(staleness)
             self._applied_times.append(time.monotonic())
             if cfg.ledger:
                 self.ledger.append([update.party, update.seq])
         if outcome is Outcome.APPLIED:
             self._new_version()
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
-        self.metrics.party_lag.labels(update.party).set(self.status.version - update.base_version)
-        log.info("update %s#%d base %d staleness %d: %s, version %d", update.party, update.seq,
-                 update.base_version, staleness, outcome.value, self.status.version,
-                 extra={"party": update.party, "seq": update.seq, "staleness": staleness,
-                        "version": self.status.version, "outcome": outcome.value})
-        self._handled(d)
+        return DeliveryEvent(Ending.APPLIED, d.queue, "update", update.party, update.seq,
+                             staleness, outcome=outcome.value)
+
+    def _account(self, event: DeliveryEvent) -> None:
+        """The default observer: status counters, metrics and the log line of each outcome."""
+        s, m = self.status, self.metrics
+        if event.ending is Ending.DEAD_LETTERED:
+            s.rejected[event.reason] += 1
+            m.rejected.labels(event.reason).inc()
+            if event.reason == "internal-error":
+                m.internal_errors.inc()
+            log.warning("dead-lettered a message from %s: %s: %s", event.queue, event.reason,
+                        event.detail)
+        elif event.ending is Ending.DUPLICATE and event.kind == "update" and event.seq is not None:
+            s.duplicates += 1
+            m.duplicates.inc()
+        elif event.kind == "update" and event.staleness is not None:
+            if event.outcome == Outcome.DISCARDED.value:
+                s.discarded += 1
+            else:
+                s.updates += 1
+                m.applied.inc()
+                m.staleness.observe(event.staleness)
+            m.party_lag.labels(event.party).set(event.staleness)
+            log.info("update %s#%d staleness %d: %s, version %d", event.party, event.seq,
+                     event.staleness, event.outcome, s.version,
+                     extra={"party": event.party, "seq": event.seq,
+                            "staleness": event.staleness, "version": s.version,
+                            "outcome": event.outcome})
 
     # -- authenticity ----------------------------------------------------------------------
     def _to_parties(self, broker: Broker, body: bytes) -> None:
@@ -553,12 +666,10 @@ class Aggregator(BackgroundService):
             log.error("key directory not re-read: %s", exc)
         return (self._keyring or ring).verify(d.body, d.headers)
 
-    def _reject(self, d: Delivery, exc: InvalidMessage) -> None:
+    def _dead_letter(self, d: Delivery, reason: str, detail: str) -> None:
+        """To ``F.dead`` byte for byte, its reason beside it (``messages.deadletter``)."""
         assert self._broker is not None
-        self.status.rejected[exc.reason] += 1
-        self.metrics.rejected.labels(exc.reason).inc()
-        log.warning("dead-lettered a message from %s: %s", d.queue, exc)
-        self.topology.dead_letter(self._broker, d, exc)
+        self.topology.dead_letter(self._broker, d, reason, detail)
 
     def _new_version(self) -> None:
         if not self._dirty and not self._uncommitted:
@@ -599,4 +710,10 @@ class Aggregator(BackgroundService):
             # parties fetch the model (in chunks, by RPC) when they are ready to train on it.
             tensors = {}
         body = encode(Model(self.status.version, tensors))
+        if self.store is not None:
+            try:
+                self.store.mark_broadcast(self.status.version)
+            except OSError as exc:
+                raise StateError(f"cannot record the broadcast version in "
+                                 f"{self.config.checkpoint_dir}: {exc}") from exc
         self._to_parties(self._broker, body)

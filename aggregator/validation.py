@@ -12,6 +12,7 @@ from collections.abc import Container, Mapping
 
 import numpy as np
 
+from messages.bounds import SEQ_AHEAD, SEQ_RANGE
 from messages.errors import InvalidMessage
 from messages.kinds import Message, Update
 from messages.types import NDArray, TensorSpec
@@ -19,13 +20,24 @@ from messages.types import NDArray, TensorSpec
 
 def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, version: int,
                  max_staleness: int, last_seq: Mapping[str, int],
+                 granted: Mapping[str, int] | None = None,
                  max_abs: float = float("inf")) -> Update | None:
-    """The update if it may be applied, ``None`` for a duplicate; raises ``InvalidMessage``."""
+    """The update if it may be applied, ``None`` for a duplicate; raises ``InvalidMessage``.
+
+    ``granted`` maps each party to the incarnation of its last join (its seq range, see
+    ``seq_window``); without it (tests of other checks) any seq is in range.
+    """
     if not isinstance(msg, Update):
         raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on the updates queue")
     if msg.party not in parties:
         raise InvalidMessage("unknown-party", f"party {msg.party!r} never joined")
-    if msg.seq <= last_seq.get(msg.party, -1):
+    last = last_seq.get(msg.party, -1)
+    if granted is not None:
+        lo, hi = seq_window(granted.get(msg.party, 0), last)
+        if not lo <= msg.seq < hi:
+            raise InvalidMessage("bad-seq", f"seq {msg.seq} of {msg.party} is outside "
+                                            f"{lo}..{hi - 1}, the range its last join granted")
+    if msg.seq <= last:
         return None
     if [name for name, _d, _s in spec] != list(msg.tensors):
         raise InvalidMessage("tensor-names", "the update's tensor names differ from the model's")
@@ -44,6 +56,20 @@ def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, ver
         raise InvalidMessage("stale", f"staleness {version - msg.base_version} > "
                                       f"max {max_staleness}")
     return msg
+
+
+def seq_window(incarnation: int, last_seq: int) -> tuple[int, int]:
+    """The seqs ``[lo, hi)`` an update of a party may carry.
+
+    A join of incarnation ``i`` grants the range ``[i * SEQ_RANGE, (i + 1) * SEQ_RANGE)``;
+    updates the party sent in its previous incarnation may still be queued, so that range is
+    accepted too. Within it a seq may run at most ``SEQ_AHEAD`` past the last one applied (or
+    the range's start): parties count up by one, and an update with a forged far-ahead seq
+    would otherwise make every later update of the real party a "duplicate".
+    """
+    start = incarnation * SEQ_RANGE
+    hi = min(start + SEQ_RANGE, max(last_seq + 1, start) + SEQ_AHEAD)
+    return max(0, start - SEQ_RANGE), hi
 
 
 def _within(array: NDArray, max_abs: float) -> bool:

@@ -7,15 +7,17 @@ from pathlib import Path
 
 from aggregator import AggregatorConfig
 from aggregator import cli as aggregator_cli
-from deploy import admin, plot, remote
+from deploy import admin, dead, plot, remote
 from messages.cli import (
     Formatter,
     Parser,
     add_common_options,
+    add_insecure_option,
     bind_settings,
     fail,
     flags_for,
     setup_logging,
+    warn_if_insecure,
 )
 from messages.errors import FederationError
 from worker import WorkerConfig
@@ -33,6 +35,16 @@ example:
 """
 
 
+class RunConfig(AggregatorConfig):
+    """The aggregator of ``dfl run``, which signs nothing: over a broker on another machine
+    it needs ``--insecure``, or the federation runs as separate daemons with keys."""
+
+    def _missing_keys(self) -> tuple[list[str], str]:
+        return ["a signing key"], ("dfl run signs nothing, so run the federation as `dfl "
+                                   "aggregator --keys DIR` and `dfl worker --signing-key FILE "
+                                   "--aggregator-key FILE` (keys made by `dfl admin`)")
+
+
 RUN_DEFAULTS = {"target_accuracy": 0.98, "max_seconds": 1800.0, "broker": "memory://",
                 "eval_log": "runs/eval.jsonl", "save_model": "runs/global.keras"}
 
@@ -48,6 +60,7 @@ def _run(argv: list[str]) -> int:
     worker_cli.add_compression_options(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (e.g. in CI logs)")
+    add_insecure_option(parser)
     bind_settings(parser, AggregatorConfig, WorkerConfig, overrides=RUN_DEFAULTS)
     ns = parser.parse_args(argv)
     setup_logging(ns.log_level, ns.log_format)
@@ -58,12 +71,13 @@ def _run(argv: list[str]) -> int:
             fail(prog, f"--parties {ns.parties}: must be at least 1")
         agg_flags = {**RUN_DEFAULTS, "min_parties": ns.parties,
                      **flags_for(ns, AggregatorConfig)}
-        agg_config = AggregatorConfig.load(agg_flags)
+        agg_config = RunConfig.load(agg_flags)
         worker_flags = {k: v for k, v in flags_for(ns, WorkerConfig).items()}
         worker_flags.setdefault("broker", agg_config.broker)
         worker_configs = [WorkerConfig.load({**worker_flags, "party_id": i,
                                              "num_parties": ns.parties})
                           for i in range(ns.parties)]
+        warn_if_insecure(agg_config)
         for path in (agg_config.eval_log, agg_config.save_model):
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +107,8 @@ COMMANDS = {
              lambda a: plot.main(a)),
     "admin": ("create broker users, permissions and signing keys of parties",
               lambda a: admin.main(a)),
+    "dead": ("list, replay or purge dead-lettered messages (F.dead)",
+             lambda a: dead.main(a)),
 }
 
 

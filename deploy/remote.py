@@ -6,6 +6,7 @@ RabbitMQ; nothing connects to the aggregator's machine directly.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -41,16 +42,9 @@ example:
 
 
 def _parser(prog: str, description: str) -> Parser:
-    import os
 
     parser = Parser(prog=prog, description=description, formatter_class=Formatter)
-    parser.add_argument("--broker", default=os.environ.get(f"{ENV_PREFIX}BROKER",
-                                                           DEFAULT_AMQP_URL), metavar="URL",
-                        help=f"the federation's broker (default: ${ENV_PREFIX}BROKER or the "
-                             "local RabbitMQ)")
-    parser.add_argument("--federation", default=os.environ.get(f"{ENV_PREFIX}FEDERATION",
-                                                               "mnist"), metavar="ID",
-                        help="federation id (default: mnist)")
+    add_target_options(parser)
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for the aggregator's answer (default: 10)")
     return parser
@@ -131,3 +125,16 @@ def export_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(status_main())
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """``--broker`` and ``--federation`` of an operator command (defaults from ``DFL_*``)."""
+    import os
+
+    parser.add_argument("--broker", default=os.environ.get(f"{ENV_PREFIX}BROKER",
+                                                           DEFAULT_AMQP_URL), metavar="URL",
+                        help=f"the federation's broker (default: ${ENV_PREFIX}BROKER or the "
+                             "local RabbitMQ)")
+    parser.add_argument("--federation", default=os.environ.get(f"{ENV_PREFIX}FEDERATION",
+                                                               "mnist"), metavar="ID",
+                        help="federation id (default: mnist)")

@@ -25,15 +25,21 @@ interface, so the daemons publish, consume, ack and call as before:
   to the queue's dead-letter exchange. It is never handed to the handler.
 
 Prefetch: ``consume(..., prefetch=N)`` keeps meaning N whole messages. A chunk with ``count``
-chunks per message raises the consumer's window to ``N * count`` deliveries (capped at the
-chunks of N messages of ``max_message_bytes``), so the unacked chunks of N messages fit,
-including several parties' chunks interleaved in the queue; when the window is nonetheless
-full of chunks whose sets cannot complete (more parties publish at once than N), it doubles.
-Memory stays what N whole messages took before chunking, and a federation whose messages
-fit in one chunk never sees a window other than N. RabbitMQ applies a prefetch to consumers
-started after it only, so the window grows by starting one more consumer on the queue (same
-channel, same handler) with the extra room: cancelling the first would make the broker take
-back what it had already sent and send it again.
+chunks per message raises the consumer's window to ``N * count`` deliveries, so the unacked
+chunks of N messages fit, including several parties' chunks interleaved in the queue; when the
+window is nonetheless full of chunks whose sets cannot complete (more parties publish at once
+than N), it doubles. Either way it never passes ``N + max_pending_chunks``: the chunks held
+for incomplete sets are bounded (``max_pending_chunks`` chunks and ``max_pending_bytes``
+bytes in all, one message's worth per sender; the oldest sets are given up first, as
+``chunk-overflow``), and N more deliveries keep the consumer moving. So what a consumer holds
+is at most ``max_pending_bytes`` of held chunks plus N deliveries in flight, whatever parties
+send, and a federation whose messages fit in one chunk never sees a window other than N.
+A chunk over ``max_chunk_bytes`` is given up at once (``too-large``).
+
+RabbitMQ applies a prefetch to consumers started after it only, so the window grows by
+starting one more consumer on the queue (same channel, same handler) with the extra room:
+cancelling the first would make the broker take back what it had already sent and send it
+again.
 
 ``get`` hands chunks over as they are (tests and audits drain queues with it).
 """
@@ -54,9 +60,10 @@ from messages.chunking import (
     CHUNK_ID,
     DEFAULT_CHUNK_TIMEOUT,
     DEFAULT_MAX_CHUNK_BYTES,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_CHUNKS,
     Plan,
     Reassembler,
-    chunk_count,
     split,
 )
 from messages.codec import DEFAULT_MAX_BYTES
@@ -74,6 +81,8 @@ class ChunkSettings(Protocol):
     max_chunk_bytes: int
     max_message_bytes: int
     chunk_timeout: float
+    max_pending_chunk_bytes: int
+    max_pending_chunks: int
 
 
 @dataclass(eq=False, slots=True)
@@ -106,7 +115,9 @@ class ChunkedBroker(Broker):
     def __init__(self, inner: Broker, *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
                  max_message_bytes: int = DEFAULT_MAX_BYTES,
                  timeout: float = DEFAULT_CHUNK_TIMEOUT, sender: str | None = None,
-                 reject: Reject | None = None) -> None:
+                 reject: Reject | None = None,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+                 max_pending_chunks: int = DEFAULT_MAX_PENDING_CHUNKS) -> None:
         """``sender`` goes on every chunk this connection publishes (a party id); ``reject``
         takes each set given up on (see the module docstring)."""
         super().__init__()
@@ -115,6 +126,8 @@ class ChunkedBroker(Broker):
         self.max_chunk_bytes = max_chunk_bytes
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
+        self.max_pending_bytes = max_pending_bytes
+        self.max_pending_chunks = max_pending_chunks
         self.sender = sender
         self._reject = reject
         self._subs: dict[str, _Subscription] = {}
@@ -182,8 +195,10 @@ class ChunkedBroker(Broker):
     # -- consuming -------------------------------------------------------------------------
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 0,
                 auto_ack: bool = False) -> str:
-        sub = _Subscription(queue, handler, prefetch, auto_ack,
-                            Reassembler(self.max_message_bytes, self.timeout))
+        sub = _Subscription(queue, handler, prefetch, auto_ack, Reassembler(
+            self.max_message_bytes, self.timeout, max_chunk_bytes=self.max_chunk_bytes,
+            max_pending_bytes=self.max_pending_bytes,
+            max_pending_chunks=self.max_pending_chunks))
         self._widen(sub, prefetch)
         tag = f"chunked-{next(self._ids)}"
         self._subs[tag] = sub
@@ -198,6 +213,15 @@ class ChunkedBroker(Broker):
         if len(sub.tags) > 1:
             log.info("%s: consuming with a window of %d deliveries (%d whole messages)",
                      sub.queue, window, sub.prefetch)
+
+    def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
+        """Let consumer ``consumer_tag`` hold ``prefetch`` whole messages from now on (only
+        ever wider: the broker keeps what it already sent)."""
+        sub = self._subs[consumer_tag]
+        if prefetch > sub.prefetch:
+            sub.prefetch = prefetch
+            if not sub.auto_ack and prefetch > sub.window:
+                self._widen(sub, prefetch)
 
     def cancel(self, consumer_tag: str) -> None:
         sub = self._subs.pop(consumer_tag, None)
@@ -216,7 +240,14 @@ class ChunkedBroker(Broker):
             sub.held += 1
         self._size_window(sub, d.headers.get(CHUNK_COUNT))
         # the token keeps no body: the reassembler holds the one copy
-        whole = sub.assembler.add(d.headers, d.body, replace(d, body=b""))
+        try:
+            whole = sub.assembler.add(d.headers, d.body, replace(d, body=b""))
+        except Exception as exc:  # a bug of ours in reassembly: this chunk alone is given up
+            log.exception("internal error reassembling a chunk from %s", sub.queue)
+            self._release(d.tag)
+            self._give_up(sub, d, InvalidMessage("internal-error",
+                                                 f"{type(exc).__name__}: {exc}"[:300]))
+            return
         self._settle_discarded(sub)
         if whole is None:
             return
@@ -230,11 +261,14 @@ class ChunkedBroker(Broker):
         """Room for ``prefetch`` whole messages of ``count`` chunks (see the docstring)."""
         if sub.auto_ack or sub.prefetch == 0 or not isinstance(count, int):
             return
-        cap = min(MAX_PREFETCH, sub.prefetch * chunk_count(self.max_message_bytes,
-                                                           self.max_chunk_bytes))
-        want = min(cap, sub.prefetch * count)
+        want = min(self._cap(sub), sub.prefetch * count)
         if want > sub.window:
             self._widen(sub, want)
+
+    def _cap(self, sub: _Subscription) -> int:
+        """The widest window of ``sub``: the held chunks' bound plus N (see the module
+        docstring)."""
+        return min(MAX_PREFETCH, sub.prefetch + self.max_pending_chunks)
 
     def _settle_discarded(self, sub: _Subscription) -> None:
         for bad in sub.assembler.discarded():
@@ -243,14 +277,16 @@ class ChunkedBroker(Broker):
             if sub.auto_ack:
                 log.warning("dropped chunks from %s: %s", sub.queue, bad.error)
                 continue
-            whole = Delivery(bad.body, max(p.tag for p in bad.tokens), sub.queue, bad.headers,
-                             parts=tuple(bad.tokens))
-            if self._reject is not None:
-                self._reject(whole, bad.error)
-            else:
-                log.warning("dead-lettering %d chunks from %s: %s", len(bad.tokens), sub.queue,
-                            bad.error)
-                self.nack(whole)
+            self._give_up(sub, Delivery(bad.body, max(p.tag for p in bad.tokens), sub.queue,
+                                        bad.headers, parts=tuple(bad.tokens)), bad.error)
+
+    def _give_up(self, sub: _Subscription, whole: Delivery, error: InvalidMessage) -> None:
+        if self._reject is not None:
+            self._reject(whole, error)
+        else:
+            log.warning("dead-lettering %d chunks from %s: %s", len(whole.parts or (whole,)),
+                        sub.queue, error)
+            self.nack(whole)
 
     def _release(self, tag: int) -> None:
         sub = self._held.pop(tag, None)
@@ -344,13 +380,13 @@ class ChunkedBroker(Broker):
         """Discard stalled sets; grow a window that is full of chunks that cannot complete."""
         for sub in list(self._subs.values()):
             self._settle_discarded(sub)
-            if sub.auto_ack or sub.prefetch == 0 or sub.window >= MAX_PREFETCH:
+            if sub.auto_ack or sub.prefetch == 0 or sub.window >= self._cap(sub):
                 continue
             if sub.outstanding >= sub.window and sub.held >= sub.outstanding:
                 log.warning("%s: the prefetch window is full of chunks of %d incomplete "
                             "messages (more parties publish at once than --prefetch %d); "
                             "doubling it", sub.queue, sub.assembler.pending, sub.prefetch)
-                self._widen(sub, min(MAX_PREFETCH, sub.window * 2))
+                self._widen(sub, min(self._cap(sub), sub.window * 2))
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         self.inner.call_soon_threadsafe(fn)
@@ -368,4 +404,6 @@ def chunked(broker: Broker, settings: ChunkSettings, *, sender: str | None = Non
     """``broker`` with the federation's chunking settings (see ``ChunkedBroker``)."""
     return ChunkedBroker(broker, max_chunk_bytes=settings.max_chunk_bytes,
                          max_message_bytes=settings.max_message_bytes,
-                         timeout=settings.chunk_timeout, sender=sender, reject=reject)
+                         timeout=settings.chunk_timeout, sender=sender, reject=reject,
+                         max_pending_bytes=settings.max_pending_chunk_bytes,
+                         max_pending_chunks=settings.max_pending_chunks)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from messages.bounds import PARTY_ID
 from messages.errors import InvalidMessage
 
 CHUNK_ID = "x-dfl-chunk-id"
@@ -50,6 +51,10 @@ limit was lowered a little."""
 DEFAULT_CHUNK_TIMEOUT = 300.0
 """Seconds an incomplete set may go without a new chunk before it is discarded."""
 MAX_CHUNKS = 1 << 20
+DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
+"""Bytes of incomplete chunk sets a receiver holds in all, before it gives up the oldest."""
+DEFAULT_MAX_PENDING_CHUNKS = 4096
+"""Chunks of incomplete sets a receiver holds in all (tiny chunks cost a delivery each)."""
 OWN_PREFIX = "x-dfl-"
 """Headers of ours; every chunk of a set must carry the same ones (the broker adds others,
 such as a quorum queue's ``x-delivery-count``, which may differ per chunk)."""
@@ -141,8 +146,8 @@ def chunk_info(headers: Mapping[str, Any]) -> ChunkInfo | None:
         raise InvalidMessage("chunk-header", f"{CHUNK_ID} must be a short string")
     if not isinstance(sha, str) or len(sha) != 64:
         raise InvalidMessage("chunk-header", f"{CHUNK_SHA256} must be 64 hex digits")
-    if sender is not None and (not isinstance(sender, str) or len(sender) > 128):
-        raise InvalidMessage("chunk-header", f"{CHUNK_FROM} must be a short string")
+    if sender is not None and not (isinstance(sender, str) and PARTY_ID.match(sender)):
+        raise InvalidMessage("chunk-header", f"{CHUNK_FROM} must be a party id")
     index, count, total = (_int(headers, n) for n in (CHUNK_INDEX, CHUNK_COUNT, CHUNK_TOTAL))
     if not (1 <= count <= MAX_CHUNKS and 0 <= index < count and count <= max(total, 1)):
         raise InvalidMessage("chunk-header", f"index {index} of {count} chunks of a "
@@ -211,10 +216,18 @@ class Reassembler(Generic[T]):
     """
 
     def __init__(self, max_bytes: int, timeout: float = DEFAULT_CHUNK_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 max_chunk_bytes: int | None = None,
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+                 max_pending_chunks: int = DEFAULT_MAX_PENDING_CHUNKS) -> None:
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.max_pending_chunks = max_pending_chunks
         self._clock = clock
+        self._bytes = 0  # bytes of the pieces held in _sets
+        self._chunks = 0  # tokens held in _sets
         self._sets: dict[str, _Set[T]] = {}
         self._order = itertools.count()
         self._out: list[Discarded[T]] = []
@@ -222,7 +235,12 @@ class Reassembler(Generic[T]):
     @property
     def held(self) -> int:
         """Tokens of chunks waiting for the rest of their set."""
-        return sum(len(s.tokens) for s in self._sets.values())
+        return self._chunks
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of chunks waiting for the rest of their set."""
+        return self._bytes
 
     @property
     def pending(self) -> int:
@@ -244,6 +262,12 @@ class Reassembler(Generic[T]):
             self._fail(info.id, token, body, headers, InvalidMessage(
                 "too-large", f"chunked body of {info.total} bytes > limit {self.max_bytes}"))
             return None
+        if self.max_chunk_bytes is not None and len(body) > self.max_chunk_bytes:
+            self._fail(info.id, token, body, headers, InvalidMessage(
+                "too-large", f"chunk of {len(body)} bytes > --max-chunk-bytes "
+                             f"{self.max_chunk_bytes}"))
+            return None
+        self._make_room(info.id, info.sender, len(body))
         s = self._sets.get(info.id)
         if s is None:
             s = self._sets[info.id] = _Set(info, _own(headers), next(self._order), now)
@@ -256,6 +280,7 @@ class Reassembler(Generic[T]):
             return None
         s.touched = now
         s.tokens.append(token)
+        self._chunks += 1
         if info.index in s.pieces:  # a duplicate: the first copy stands, the hash decides
             return None
         problem = self._check_length(s, info, len(body))
@@ -264,12 +289,13 @@ class Reassembler(Generic[T]):
             return None
         s.pieces[info.index] = body
         s.size += len(body)
+        self._bytes += len(body)
         while s.hashed in s.pieces:
             s.hasher.update(s.pieces[s.hashed])
             s.hashed += 1
         if len(s.pieces) < info.count:
             return None
-        del self._sets[info.id]
+        self._drop(info.id)
         if s.size != info.total:
             self._out.append(Discarded(s.tokens, s.received(), message_headers(headers),
                                        InvalidMessage("chunk-length", f"{s.size} bytes "
@@ -313,7 +339,7 @@ class Reassembler(Generic[T]):
         (a sender publishes one message at a time, in order, on a FIFO queue)."""
         for sid, s in list(self._sets.items()):
             if s.info.sender == sender and s.order < order:
-                del self._sets[sid]
+                self._drop(sid)
                 self._out.append(Discarded(s.tokens, s.received(), s.headers, InvalidMessage(
                     "chunk-incomplete", f"{len(s.pieces)} of {s.info.count} chunks of "
                                         f"{sid}; a newer message from {sender} completed")))
@@ -321,7 +347,7 @@ class Reassembler(Generic[T]):
     def _fail(self, sid: str, token: T | None, body: bytes, headers: Mapping[str, Any],
               error: InvalidMessage) -> None:
         """Give up on set ``sid`` (if begun) together with the chunk that broke it."""
-        s = self._sets.pop(sid, None)
+        s = self._drop(sid)
         tokens = (s.tokens if s is not None else []) + ([token] if token is not None else [])
         received = (s.received() if s is not None else b"") + body
         self._out.append(Discarded(tokens, received, message_headers(headers), error))
@@ -331,7 +357,7 @@ class Reassembler(Generic[T]):
         now = self._clock()
         for sid, s in list(self._sets.items()):
             if now - s.touched >= self.timeout:
-                del self._sets[sid]
+                self._drop(sid)
                 self._out.append(Discarded(s.tokens, s.received(), s.headers, InvalidMessage(
                     "chunk-incomplete", f"{len(s.pieces)} of {s.info.count} chunks of {sid} "
                                         f"and none for {self.timeout:g} s")))
@@ -344,7 +370,43 @@ class Reassembler(Generic[T]):
         tokens += [t for d in self._out for t in d.tokens]
         self._sets.clear()
         self._out.clear()
+        self._bytes = self._chunks = 0
         return tokens
+
+    def _drop(self, sid: str) -> _Set[T] | None:
+        """Stop holding set ``sid`` (its bytes and chunks no longer count)."""
+        s = self._sets.pop(sid, None)
+        if s is not None:
+            self._bytes -= s.size
+            self._chunks -= len(s.tokens)
+        return s
+
+    def _make_room(self, sid: str, sender: str | None, size: int) -> None:
+        """Keep what incomplete sets hold within the bounds before a chunk of ``size`` bytes
+        joins set ``sid``: at most ``max_bytes`` per sender (one whole message; its older
+        sets go first), ``max_pending_bytes`` and ``max_pending_chunks`` in all (the oldest
+        sets go first). A set given up on is ``chunk-overflow``: a hostile or broken party
+        that never finishes its sets cannot grow the receiver's memory past the bounds."""
+        def evict(victims: list[str], why: str) -> None:
+            for victim in victims:
+                s = self._drop(victim)
+                if s is not None:
+                    self._out.append(Discarded(s.tokens, s.received(), s.headers, InvalidMessage(
+                        "chunk-overflow", f"{len(s.pieces)} of {s.info.count} chunks of "
+                                          f"{victim} given up: {why}")))
+
+        if sender is not None:
+            mine = [k for k, s in self._sets.items() if s.info.sender == sender and k != sid]
+            held = sum(self._sets[k].size for k in mine) + (
+                self._sets[sid].size if sid in self._sets else 0)
+            while mine and held + size > self.max_bytes:
+                held -= self._sets[mine[0]].size
+                evict([mine.pop(0)], f"{sender} holds more than {self.max_bytes} bytes")
+        others = [k for k in self._sets if k != sid]
+        while others and (self._bytes + size > self.max_pending_bytes
+                          or self._chunks + 1 > self.max_pending_chunks):
+            evict([others.pop(0)], f"incomplete sets hold over {self.max_pending_bytes} bytes "
+                                   f"or {self.max_pending_chunks} chunks")
 
 
 def model_size_bound(tensors: Mapping[str, Any]) -> int:

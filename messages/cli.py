@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 from pydantic import BaseModel
 
 from messages.errors import FederationError
-from messages.settings import ENV_PREFIX, DaemonSettings
+from messages.settings import ENV_PREFIX, DaemonSettings, FederationSettings
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,6 +72,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-timeout", type=float, metavar="S",
                    help="discard (dead-letter, never apply) an incomplete chunk set that got "
                         "no chunk for S seconds")
+    g.add_argument("--max-pending-chunk-bytes", type=int, metavar="N",
+                   help="bytes of incomplete chunk sets held in all; past it the oldest sets "
+                        "are dead-lettered (chunk-overflow)")
+    g.add_argument("--max-pending-chunks", type=int, metavar="N",
+                   help="chunks of incomplete sets held in all (bounds the consumer window)")
     o = parser.add_argument_group("logging")
     o.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="log verbosity")
@@ -90,6 +95,21 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics")
     g.add_argument("--ledger", metavar="FILE",
                    help="audit trail of (party, seq) for exactly-once checks")
+
+
+def add_insecure_option(parser: argparse._ActionsContainer) -> None:
+    """``--insecure``: the one way to run without keys over a broker on another machine."""
+    parser.add_argument("--insecure", action="store_true",
+                        help="accept unsigned messages over a broker that is not on this "
+                             "machine (anything but localhost, 127.0.0.0/8, ::1); without it "
+                             "such a broker needs the key options (made by `dfl admin`)")
+
+
+def warn_if_insecure(config: DaemonSettings) -> None:
+    """Log one warning line when a process runs ``--insecure`` over a remote broker."""
+    warning = config.insecure_warning() if isinstance(config, FederationSettings) else None
+    if warning:
+        logging.getLogger("dfl").warning("%s", warning)
 
 
 def bind_settings(parser: argparse.ArgumentParser, *models: type[BaseModel],
@@ -127,6 +147,7 @@ def run_daemon(prog: str, ns: argparse.Namespace, config_cls: type[DaemonSetting
     try:
         config = config_cls.load(flags_for(ns, config_cls), ns.config)
         logging.getLogger("dfl").info("settings in force:\n%s", config.effective())
+        warn_if_insecure(config)
         daemon = make(config)
         on_termination(daemon.stop)
         summary = run(daemon)

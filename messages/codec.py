@@ -10,7 +10,14 @@ nothing past ``decode`` ever sees a compressed delta. The ``encoding`` field is 
 (float32), so bodies from before compression existed decode unchanged.
 
 Every problem with a body raises ``InvalidMessage`` with a reason slug that becomes the
-dead-letter header; nothing else escapes ``decode``.
+dead-letter header; nothing else escapes ``decode``. Besides types, every value is checked
+against its bound (``messages.bounds``): integers (``out-of-bounds``; ``bad-samples`` for
+sample counts), party ids (``bad-party``), other strings (``bad-text``: too long or not
+printable), floats (``non-finite``), and the entries of maps and lists (``too-many``), so that
+whatever ``decode`` accepts can be re-encoded as msgpack or JSON, used as a metric label and
+logged. The field types come from the kinds' annotations (``typing.get_type_hints``), the
+bound of each integer and string field from ``_INT_BOUNDS`` and ``_TEXT_BOUNDS``: a field
+without one is an import-time error.
 """
 
 from __future__ import annotations
@@ -19,17 +26,19 @@ import dataclasses
 import functools
 import itertools
 import math
+import reprlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, get_type_hints
 
 import msgpack
 import numpy as np
 
-from messages import compression
+from messages import bounds, compression
+from messages.bounds import MAX_INT, PARTY_ID
 from messages.compression import Packed
 from messages.errors import InvalidMessage
-from messages.kinds import KINDS, Join, Message, Model, Update
-from messages.types import NDArray, Settings, Tensors
+from messages.kinds import KINDS, Message, Update
+from messages.types import Document, NDArray, Settings, Tensors
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
@@ -40,8 +49,8 @@ ALLOWED_DTYPES: dict[str, np.dtype[Any]] = {
     for name in ("float32", "float16", "float64", "int8", "uint8", "int32", "int64")
 }
 ENCODINGS = frozenset(compression.ENCODINGS)
-MAX_SAMPLES = 10**9
-"""Bigger declared sample counts are absurd and would let one party outweigh everyone."""
+MAX_SAMPLES = bounds.MAX_SAMPLES
+"""Bigger declared sample counts are absurd (kept here for callers; see ``messages.bounds``)."""
 
 
 def encode(msg: Message, *, packed: Mapping[str, Packed] | None = None) -> bytes:
@@ -52,7 +61,7 @@ def encode(msg: Message, *, packed: Mapping[str, Packed] | None = None) -> bytes
     error-feedback compressor does), in which case they travel instead of ``msg.tensors``;
     without it each tensor of ``msg.tensors`` is encoded here with the defaults.
     """
-    fields = dataclasses.fields(msg)
+    fields = _SPECS.get(type(msg)) or _fields_of(type(msg))
     packer = msgpack.Packer(use_bin_type=True)
     # Everything but tensor data is packed as usual into small pieces; each tensor's bytes
     # join them as a buffer, so the one copy of the data is b"".join's into the body
@@ -63,7 +72,7 @@ def encode(msg: Message, *, packed: Mapping[str, Packed] | None = None) -> bytes
     for f in fields:
         value = getattr(msg, f.name)
         parts.append(packer.pack(f.name))
-        if f.type != "Tensors":
+        if not f.tensors:
             parts.append(packer.pack(value))
             continue
         entries = (_pack_tensors(value) if packed is None and getattr(
@@ -187,13 +196,11 @@ def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
         raw = _unpack_map(body, max_bytes)
     except Exception:  # not a well-formed map: the plain parser says what is wrong
         raw = _classify(body, max_bytes)
-    if raw.get("v") != SCHEMA_VERSION:
-        raise InvalidMessage("bad-version", f"schema version {raw.get('v')!r}, "
-                                            f"this build reads {SCHEMA_VERSION}")
+    _check_version(raw)
     kind = raw.get("kind")
     cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise InvalidMessage("unknown-kind", f"kind {kind!r}")
+        raise InvalidMessage("unknown-kind", f"kind {_show(kind)}")
     try:
         return _build(cls, raw, max_bytes)
     except InvalidMessage:
@@ -292,37 +299,86 @@ def _classify(body: bytes | memoryview, max_bytes: int) -> dict[str, Any]:
     return raw
 
 
+def _check_version(raw: Mapping[str, Any]) -> None:
+    """The schema version must be exactly the integer: not ``true``, ``1.0`` or ``"1"``."""
+    v = raw.get("v")
+    if type(v) is not int or v != SCHEMA_VERSION:
+        raise InvalidMessage("bad-version", f"schema version {_show(v)}, "
+                                            f"this build reads {SCHEMA_VERSION}")
+
+
 def _build(cls: type[Message], raw: dict[str, Any], max_bytes: int) -> Message:
-    checkers = _CHECKERS
+    tensors_check: Checker | None = None
     if cls is Update and raw.get("encoding", "float32") != "float32":
-        checkers = _encoded_checkers(raw["encoding"], max_bytes)
+        tensors_check = _encoded_checker(raw["encoding"], max_bytes)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in _SPECS.get(cls) or _fields_of(cls):
         if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if f.required:
                 raise InvalidMessage("missing-field", f"{cls.KIND} needs {f.name!r}")
             continue
-        check = checkers[str(f.type)]
+        check = tensors_check if f.tensors and tensors_check is not None else f.check
         values[f.name] = check(f.name, raw[f.name])
-    msg = cls(**values)
-    _check_values(msg)
-    return msg
+    return cls(**values)
+
+
+Checker = Callable[[str, Any], Any]
+"""Checks one received field value (given the field's name) and returns what to keep."""
+
+
+def _show(x: Any) -> str:
+    """``x`` for an error detail: a repr (no raw newline or control character) cut short."""
+    return _SHORT.repr(x)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 80
+_SHORT.maxlist = _SHORT.maxdict = 8
 
 
 def _wrong(name: str, want: str, got: Any) -> InvalidMessage:
     return InvalidMessage("wrong-type", f"field {name!r} must be {want}, got {type(got).__name__}")
 
 
-def _str(name: str, x: Any) -> str:
-    if not isinstance(x, str):
+def _int_in(low: int, high: int, reason: str = "out-of-bounds") -> Checker:
+    """An integer in ``low..high`` (msgpack gives ``int`` or ``bool``; a bool is no int)."""
+    def check(name: str, x: Any) -> int:
+        if type(x) is not int:
+            raise _wrong(name, "an integer", x)
+        if not low <= x <= high:
+            raise InvalidMessage(reason, f"field {name!r} is {_show(x)}, not in {low}..{high}")
+        return x
+    return check
+
+
+def _text(name: str, x: Any, limit: int) -> str:
+    """A string of at most ``limit`` printable characters (no newline, tab or control)."""
+    if type(x) is not str:
         raise _wrong(name, "a string", x)
+    if len(x) > limit or not x.isprintable():
+        raise InvalidMessage("bad-text", f"field {name!r} must be at most {limit} printable "
+                                         f"characters, got {_show(x)}")
     return x
 
 
-def _int(name: str, x: Any) -> int:
-    if not isinstance(x, int) or isinstance(x, bool):
-        raise _wrong(name, "an integer", x)
+def _text_of(limit: int) -> Checker:
+    return functools.partial(_text, limit=limit)
+
+
+def _party(name: str, x: Any) -> str:
+    if type(x) is not str:
+        raise _wrong(name, "a string", x)
+    if not PARTY_ID.match(x):
+        raise InvalidMessage("bad-party", f"party id {_show(x)}: it must be 1-64 letters, "
+                                          "digits, '-' or '_'")
     return x
+
+
+def _encoding(name: str, x: Any) -> str:
+    if _text(name, x, bounds.MAX_WORD) not in ENCODINGS:
+        raise InvalidMessage("bad-encoding", f"encoding {_show(x)} is not one of "
+                                             f"{sorted(ENCODINGS)}")
+    return x  # type: ignore[no-any-return]
 
 
 def _float(name: str, x: Any) -> float:
@@ -339,43 +395,113 @@ def _bool(name: str, x: Any) -> bool:
     return x
 
 
+def _entries(name: str, x: Any, limit: int) -> None:
+    """A map's or list's entry count must stay within ``limit``."""
+    if len(x) > limit:
+        raise InvalidMessage("too-many", f"field {name!r} has {len(x)} entries, more than "
+                                         f"{limit}")
+
+
 def _metrics(name: str, x: Any) -> dict[str, float]:
     if not isinstance(x, dict):
         raise _wrong(name, "a map", x)
-    return {_str(f"{name} key", k): _float(f"{name}[{k}]", v) for k, v in x.items()}
+    _entries(name, x, bounds.MAX_METRICS)
+    # a dict display evaluates each key before its value: the key is checked before it is
+    # quoted in the value's error
+    return {_text(f"{name} key", k, bounds.MAX_KEY): _float(f"{name}[{k}]", v)
+            for k, v in x.items()}
+
+
+def _scalar(name: str, x: Any, text_limit: int) -> Any:
+    """A bool, an integer within +-MAX_INT, a finite float or a bounded printable string."""
+    t = type(x)
+    if t is bool:
+        return x
+    if t is int:
+        if not -MAX_INT <= x <= MAX_INT:
+            raise InvalidMessage("out-of-bounds", f"field {name!r} is {x}, beyond +-{MAX_INT}")
+        return x
+    if t is float:
+        return _float(name, x)
+    if t is str:
+        return _text(name, x, text_limit)
+    raise _wrong(name, "a scalar", x)
 
 
 def _settings(name: str, x: Any) -> Settings:
     if not isinstance(x, dict):
         raise _wrong(name, "a map", x)
+    _entries(name, x, bounds.MAX_SETTINGS)
     out: Settings = {}
     for k, v in x.items():
-        if not isinstance(v, (bool, int, float, str)):
-            raise _wrong(f"{name}[{k}]", "a scalar", v)
-        out[_str(f"{name} key", k)] = v
+        key = _text(f"{name} key", k, bounds.MAX_KEY)
+        out[key] = _scalar(f"{name}[{key}]", v, bounds.MAX_SETTING_TEXT)
     return out
+
+
+def _report(name: str, x: Any) -> Document:
+    if not isinstance(x, dict):
+        raise _wrong(name, "a map", x)
+    budget = [bounds.MAX_DOCUMENT_ITEMS]
+    return _document(name, x, 0, budget)  # type: ignore[no-any-return]
+
+
+def _document(name: str, x: Any, depth: int, budget: list[int]) -> Any:
+    """Plain data: maps with string keys, lists, None and scalars, within the document's
+    bounds (``budget[0]`` is how many more values it may hold)."""
+    if depth > bounds.MAX_DOCUMENT_DEPTH:
+        raise InvalidMessage("bad-value", f"field {name!r} nests too deeply")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise InvalidMessage("too-many", f"field {name!r} holds more than "
+                                         f"{bounds.MAX_DOCUMENT_ITEMS} values")
+    if isinstance(x, dict):
+        return {_text(f"{name} key", k, bounds.MAX_DOCUMENT_TEXT):
+                _document(name, v, depth + 1, budget) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_document(name, v, depth + 1, budget) for v in x]
+    if x is None:
+        return x
+    return _scalar(name, x, bounds.MAX_DOCUMENT_TEXT)
+
+
+def _elements(shape: list[int] | tuple[int, ...]) -> int:
+    """The elements a shape describes, a zero dimension counted as one (so it cannot hide
+    absurd other dimensions)."""
+    return math.prod(d or 1 for d in shape)
+
+
+def _tensor_name(tname: str) -> None:
+    if len(tname) > bounds.MAX_TENSOR_NAME or not tname.isprintable():
+        raise InvalidMessage("bad-text", f"tensor name {_show(tname)} must be at most "
+                                         f"{bounds.MAX_TENSOR_NAME} printable characters")
 
 
 def _tensors(name: str, x: Any) -> Tensors:
     if not isinstance(x, list):
         raise _wrong(name, "a list of [name, dtype, shape, bytes]", x)
+    _entries(name, x, bounds.MAX_TENSORS)
     out: Tensors = {}
     for item in x:
         if not (isinstance(item, list) and len(item) == 4):
             raise InvalidMessage("bad-tensor", "each tensor must be [name, dtype, shape, bytes]")
         tname, dtype_name, shape, data = item
         if not isinstance(tname, str) or tname in out:
-            raise InvalidMessage("bad-tensor", f"tensor name {tname!r} is not a unique string")
+            raise InvalidMessage("bad-tensor", f"tensor name {_show(tname)} is not a unique "
+                                               "string")
+        _tensor_name(tname)
         if not isinstance(dtype_name, str) or dtype_name not in ALLOWED_DTYPES:
-            raise InvalidMessage("bad-dtype", f"tensor {tname!r} has dtype {dtype_name!r}")
-        if not (isinstance(shape, list) and all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31
-                for d in shape)) or len(shape) > 32:
-            raise InvalidMessage("bad-shape", f"tensor {tname!r} has shape {shape!r}")
+            raise InvalidMessage("bad-dtype", f"tensor {tname!r} has dtype {_show(dtype_name)}")
+        if not (isinstance(shape, list) and len(shape) <= bounds.MAX_NDIM and all(
+                type(d) is int and 0 <= d <= bounds.MAX_DIM for d in shape)):
+            raise InvalidMessage("bad-shape", f"tensor {tname!r} has shape {_show(shape)}")
+        count = math.prod(shape)
+        if (count or _elements(shape)) > bounds.MAX_TENSOR_ELEMENTS:
+            raise InvalidMessage("bad-shape", f"tensor {tname!r} has shape {shape}: more "
+                                              f"than {bounds.MAX_TENSOR_ELEMENTS} elements")
         if not isinstance(data, (bytes, memoryview)):
             raise InvalidMessage("bad-tensor", f"tensor {tname!r} data is not bytes")
         dtype = ALLOWED_DTYPES[dtype_name]
-        count = math.prod(shape)
         if count * dtype.itemsize != len(data):
             raise InvalidMessage("bad-shape", f"tensor {tname!r}: {len(data)} bytes do not "
                                               f"fill shape {shape} of {dtype_name}")
@@ -403,16 +529,13 @@ def all_finite(array: NDArray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def _encoded_checkers(encoding: Any, max_bytes: int) -> dict[str, Callable[[str, Any], Any]]:
-    """The checkers of an update in a compressed encoding: its tensors decode to float32.
+def _encoded_checker(encoding: Any, max_bytes: int) -> Checker:
+    """The checker of an update's tensors in a compressed encoding: they decode to float32.
 
     The encoding is checked first, since it says how to read the tensors.
     """
-    if _str("encoding", encoding) not in ENCODINGS:
-        raise InvalidMessage("bad-encoding", f"encoding {encoding!r} is not one of "
-                                             f"{sorted(ENCODINGS)}")
-    return {**_CHECKERS, "Tensors": functools.partial(_encoded_tensors, encoding=encoding,
-                                                      max_bytes=max_bytes)}
+    return functools.partial(_encoded_tensors, encoding=_encoding("encoding", encoding),
+                             max_bytes=max_bytes)
 
 
 def _encoded_tensors(name: str, x: Any, *, encoding: str, max_bytes: int) -> Tensors:
@@ -420,55 +543,99 @@ def _encoded_tensors(name: str, x: Any, *, encoding: str, max_bytes: int) -> Ten
     (what the same update could be in float32), however small the entries are."""
     if not isinstance(x, list):
         raise _wrong(name, f"a list of {encoding} tensor entries", x)
+    _entries(name, x, bounds.MAX_TENSORS)
     out: Tensors = {}
     budget = max_bytes
     for item in x:
         tname, array = compression.unpack(encoding, item, budget)
         if tname in out:
-            raise InvalidMessage("bad-tensor", f"tensor name {tname!r} is not unique")
+            raise InvalidMessage("bad-tensor", f"tensor name {_show(tname)} is not unique")
+        _tensor_name(tname)
+        if (array.size or _elements(array.shape)) > bounds.MAX_TENSOR_ELEMENTS:
+            raise InvalidMessage("bad-shape", f"tensor {tname!r} has shape {array.shape}")
         budget -= array.nbytes
         out[tname] = array
     return out
 
 
-def _document(name: str, x: Any, depth: int = 0) -> Any:
-    if depth > 16:
-        raise InvalidMessage("bad-value", f"field {name!r} nests too deeply")
-    if isinstance(x, dict):
-        return {_str(f"{name} key", k): _document(name, v, depth + 1) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_document(name, v, depth + 1) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise _wrong(name, "plain data", x)
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Field:
+    """How one field of a kind travels: its name, checker, whether the body must hold it,
+    and whether it holds tensors (packed and checked apart from the rest)."""
+
+    name: str
+    check: Checker
+    required: bool
+    tensors: bool
 
 
-def _report(name: str, x: Any) -> Any:
-    if not isinstance(x, dict):
-        raise _wrong(name, "a map", x)
-    return _document(name, x)
-
-
-_CHECKERS: dict[str, Callable[[str, Any], Any]] = {
-    "str": _str, "int": _int, "float": _float, "bool": _bool,
-    "dict[str, float]": _metrics, "Settings": _settings, "Tensors": _tensors,
-    "Document": _report,
+_INT_BOUNDS: dict[tuple[str, str], Checker] = {
+    ("update", "seq"): _int_in(0, bounds.MAX_SEQ),
+    ("update", "base_version"): _int_in(0, bounds.MAX_VERSION),
+    ("update", "num_samples"): _int_in(1, bounds.MAX_SAMPLES, "bad-samples"),
+    ("model", "version"): _int_in(0, bounds.MAX_VERSION),
+    ("join", "num_samples"): _int_in(1, bounds.MAX_SAMPLES, "bad-samples"),
+    # a refusal carries -1 for the version (none released yet) and for both seqs
+    ("welcome", "version"): _int_in(-1, bounds.MAX_VERSION),
+    ("welcome", "last_seq"): _int_in(-1, bounds.MAX_SEQ),
+    ("welcome", "next_seq"): _int_in(-1, bounds.MAX_NEXT_SEQ),
+    # -1: the party holds no model yet / the federation stopped before releasing one
+    ("heartbeat", "version"): _int_in(-1, bounds.MAX_VERSION),
+    ("stop", "version"): _int_in(-1, bounds.MAX_VERSION),
 }
+"""The range of every integer field, by (kind, field)."""
+
+_TEXT_BOUNDS: dict[tuple[str, str], Checker] = {
+    ("update", "party"): _party,
+    ("update", "encoding"): _encoding,
+    ("join", "party"): _party,
+    ("join", "software"): _text_of(bounds.MAX_SOFTWARE),
+    ("welcome", "party"): _party,
+    ("welcome", "reason"): _text_of(bounds.MAX_REASON),
+    ("leave", "party"): _party,
+    ("leave", "reason"): _text_of(bounds.MAX_REASON),
+    ("heartbeat", "party"): _party,
+    ("stop", "reason"): _text_of(bounds.MAX_REASON),
+    ("query", "what"): _text_of(bounds.MAX_WORD),
+}
+"""The checker of every string field, by (kind, field)."""
+
+_TYPE_CHECKERS: tuple[tuple[Any, Checker | None], ...] = (
+    (Tensors, _tensors), (Settings, _settings), (Document, _report),
+    (dict[str, float], _metrics), (float, _float), (bool, _bool),
+    (int, None), (str, None),  # per field: _INT_BOUNDS, _TEXT_BOUNDS
+)
+"""The checker of each field type the kinds use, matched against the resolved annotation."""
 
 
-def _check_values(msg: Message) -> None:
-    """Range checks that types alone cannot express."""
-    if isinstance(msg, (Update, Join)):
-        if not 0 < msg.num_samples <= MAX_SAMPLES:
-            raise InvalidMessage("bad-samples", f"num_samples {msg.num_samples} is not in "
-                                                f"1..{MAX_SAMPLES}")
-        if not msg.party or len(msg.party) > 128:
-            raise InvalidMessage("bad-party", f"party id {msg.party!r} is empty or too long")
-    if isinstance(msg, Update):
-        if msg.seq < 0 or msg.base_version < 0:
-            raise InvalidMessage("bad-value", "seq and base_version must be >= 0")
-        if msg.encoding not in ENCODINGS:
-            raise InvalidMessage("bad-encoding", f"encoding {msg.encoding!r} is not one of "
-                                                 f"{sorted(ENCODINGS)}")
-    if isinstance(msg, Model) and msg.version < 0:
-        raise InvalidMessage("bad-value", "version must be >= 0")
+def _spec_of(cls: type[Message]) -> tuple[_Field, ...]:
+    """The fields of kind ``cls`` with their checkers, from its resolved type hints (so an
+    annotation is a type, not a string to compare); raises ``TypeError`` for a field whose
+    type has no checker or whose integer or string has no bound."""
+    hints = get_type_hints(cls)
+    spec = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        found = [check for t, check in _TYPE_CHECKERS if hint == t]
+        if not found:
+            raise TypeError(f"{cls.__name__}.{f.name}: no codec checker for type {hint!r}")
+        check = found[0]
+        if check is None:
+            table = _INT_BOUNDS if hint is int else _TEXT_BOUNDS
+            check = table.get((cls.KIND, f.name))
+            if check is None:
+                raise TypeError(f"{cls.__name__}.{f.name}: no bound in messages.codec")
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        spec.append(_Field(f.name, check, required, hint == Tensors))
+    return tuple(spec)
+
+
+_SPECS: dict[type[Message], tuple[_Field, ...]] = {cls: _spec_of(cls) for cls in KINDS.values()}
+"""Every kind's fields, resolved once: ``encode`` and ``decode`` run per message."""
+
+
+def _fields_of(cls: type[Message]) -> tuple[_Field, ...]:
+    """The fields of a class that is not among ``KINDS`` (a test's), resolved on first use."""
+    spec = _SPECS[cls] = _spec_of(cls)
+    return spec

@@ -10,6 +10,7 @@ one class; transport errors (pika, sockets) are translated into it at the broker
     ├── InvalidMessage(reason) a message that failed decoding or validation; dead-letter it
     ├── PluginError            a model/data plug-in path that cannot be loaded
     ├── DataError              MNIST (or a plug-in dataset) could not be found or read
+    ├── StateError             the daemon's own state went bad (a checkpoint not written); stop
     └── BrokerError
         ├── ConnectionLost     the broker went away; reconnecting can fix it
         ├── AccessRefused      credentials, permissions or topology refused; retrying cannot fix it
@@ -49,6 +50,12 @@ class InvalidMessage(FederationError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class StateError(FederationError):
+    """The daemon's own state cannot be trusted or kept (a checkpoint that cannot be written,
+    a strategy that failed half-way through an apply): the one failure that stops a daemon
+    while it handles a message. A restart resumes from the last checkpoint."""
 
 
 class BrokerError(FederationError):

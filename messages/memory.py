@@ -44,6 +44,7 @@ class _Message:
     reply_to: str | None
     correlation_id: str | None
     redelivered: bool = False
+    returns: int = 0  # times delivered and given back (a quorum queue's delivery count)
 
 
 @dataclass(slots=True)
@@ -227,6 +228,19 @@ class MemoryBroker(Broker):
         for target in self._route(dlx, key):
             self._enqueue(target, dead)
 
+    def _return(self, q: _Queue, msg: _Message) -> None:
+        """A delivery given back (requeued, or its consumer's connection closed): to the head
+        of its queue, unless that makes it pass the queue's ``x-delivery-limit``, where it is
+        dead-lettered as RabbitMQ's quorum queues do (``delivery_limit``)."""
+        msg.redelivered = True
+        msg.returns += 1
+        msg.headers["x-delivery-count"] = msg.returns
+        limit = q.arguments.get("x-delivery-limit")
+        if isinstance(limit, int) and msg.returns > limit:
+            self._dead_letter(q, msg, "delivery_limit")
+        else:
+            q.messages.appendleft(msg)
+
     def _dispatch(self, q: _Queue) -> None:
         """Hand ready messages to consumers with spare prefetch, round robin."""
         while q.messages and q.consumers:
@@ -295,8 +309,7 @@ class MemoryBroker(Broker):
             for msg, c in self._settle(delivery.tag, False):
                 c.unacked -= 1
                 if requeue:
-                    msg.redelivered = True
-                    c.queue.messages.appendleft(msg)
+                    self._return(c.queue, msg)
                 else:
                     self._dead_letter(c.queue, msg, "rejected")
                 self._dispatch(c.queue)
@@ -358,8 +371,7 @@ class MemoryBroker(Broker):
                 self._remove_consumer(tag)
             # Unacked messages go back to the head of their queues, in their original order.
             for _tag, (msg, c) in sorted(self._unacked.items(), reverse=True):
-                msg.redelivered = True
-                c.queue.messages.appendleft(msg)
+                self._return(c.queue, msg)
             touched = {c.queue.name for _m, c in self._unacked.values()}
             self._unacked.clear()
             for name in [n for n, q in self._server.queues.items() if q.owner is self]:

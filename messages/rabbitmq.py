@@ -10,6 +10,7 @@ never catch pika types. ``amqps://`` URLs carry their TLS settings as query para
 from __future__ import annotations
 
 import ssl
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,7 @@ import pika.exceptions as pe
 
 from messages import tls
 from messages.broker import Broker, Delivery, Handler, check_broker_url, check_headers, mask_url
+from messages.deadletter import ENVELOPE_ERROR_HEADER
 from messages.errors import (
     AccessRefused,
     BrokerError,
@@ -31,6 +33,42 @@ from messages.errors import (
 )
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+_pika_decode_properties = pika.spec.BasicProperties.decode
+
+
+def _decode_properties(self: Any, encoded: bytes, offset: int = 0) -> Any:
+    """pika's ``BasicProperties.decode``, but a header table it cannot read never fails.
+
+    RabbitMQ accepts header tables that pika's decoder raises on (a timestamp past
+    ``datetime``'s range, tables nested a few hundred deep). pika decodes properties while it
+    reads frames, so the exception would close the whole connection before any handler ran,
+    and the message, back in its queue, would close the next connection too: a reconnect loop
+    that reads as a broker outage. pika has no hook for this (nor does any client we could
+    swap in without leaving pika), hence the replacement, installed once below. The table is
+    skipped by its length prefix and the delivery arrives with ``ENVELOPE_ERROR_HEADER``
+    alone, so that its consumer dead-letters it (the broker keeps the original bytes).
+    """
+    try:
+        return _pika_decode_properties(self, encoded, offset)
+    except Exception as exc:  # whatever pika's table decoder raised: the table is the cause
+        flags = struct.unpack_from(">H", encoded, offset)[0]
+        if not flags & pika.spec.BasicProperties.FLAG_HEADERS or flags & 1:
+            raise  # not a header table problem (or flag words we never see): pika's error
+        at = offset + 2
+        for flag in (pika.spec.BasicProperties.FLAG_CONTENT_TYPE,
+                     pika.spec.BasicProperties.FLAG_CONTENT_ENCODING):
+            if flags & flag:
+                at += 1 + encoded[at]
+        size = struct.unpack_from(">I", encoded, at)[0]
+        rest = (struct.pack(">H", flags & ~pika.spec.BasicProperties.FLAG_HEADERS)
+                + encoded[offset + 2:at] + encoded[at + 4 + size:])
+        result = _pika_decode_properties(self, rest, 0)
+        self.headers = {ENVELOPE_ERROR_HEADER: f"header table not decodable: "
+                                               f"{type(exc).__name__}"}
+        return result
+
+
+pika.spec.BasicProperties.decode = _decode_properties
 # Broker close codes that retrying cannot fix: access refused, precondition failed (a queue
 # declared with other arguments), not allowed (vhost), and resource locked (exclusive queue).
 _REFUSALS = {403, 405, 406, 530}

@@ -10,10 +10,12 @@ from, and what it accepts.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +24,12 @@ from pydantic_settings import (
 )
 
 from messages.broker import check_broker_url, mask_url
-from messages.chunking import DEFAULT_CHUNK_TIMEOUT, DEFAULT_MAX_CHUNK_BYTES
+from messages.chunking import (
+    DEFAULT_CHUNK_TIMEOUT,
+    DEFAULT_MAX_CHUNK_BYTES,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_CHUNKS,
+)
 from messages.codec import DEFAULT_MAX_BYTES
 from messages.errors import ConfigError
 from messages.topology import check_name
@@ -44,6 +51,27 @@ def describe(error: ValidationError) -> str:
     shown = "" if isinstance(value, dict) or value is None else f" {value!r}"
     return (f"--{name.replace('_', '-')}{shown}: {message} "
             f"(set by the flag, {ENV_PREFIX}{name.upper()}, or {name} in --config)")
+
+
+def remote_broker_host(url: str) -> str | None:
+    """The host of an ``amqp://``/``amqps://`` broker that is not on the loopback interface.
+
+    ``None`` for ``memory://`` and for loopback brokers: ``localhost``, an address in
+    127.0.0.0/8, ``::1``, or no host at all (pika then dials localhost). Any other name is
+    remote: nothing is looked up, since a name can resolve elsewhere tomorrow.
+    """
+    parts = urlparse(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        return None
+    host = parts.hostname or ""
+    if host in ("", "localhost"):
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:  # a name, not an address
+        return host
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return None if (mapped or address).is_loopback else host
 
 
 class DaemonSettings(BaseSettings):
@@ -120,6 +148,9 @@ class FederationSettings(DaemonSettings):
     # broker's max_message_size (16 MiB by default on RabbitMQ 4.x)
     max_chunk_bytes: int = Field(default=DEFAULT_MAX_CHUNK_BYTES, ge=1024)
     chunk_timeout: float = Field(default=DEFAULT_CHUNK_TIMEOUT, gt=0)
+    # what a receiver holds of incomplete chunk sets, in all (messages.chunking)
+    max_pending_chunk_bytes: int = Field(default=DEFAULT_MAX_PENDING_BYTES, ge=1024)
+    max_pending_chunks: int = Field(default=DEFAULT_MAX_PENDING_CHUNKS, ge=1)
 
     @field_validator("broker")
     @classmethod
@@ -131,3 +162,36 @@ class FederationSettings(DaemonSettings):
     def _federation(cls, value: str) -> str:
         return check_name("--federation", value)
 
+    # --insecure: accept unsigned messages over a broker that is not on this machine
+    insecure: bool = False
+
+    def _missing_keys(self) -> tuple[list[str], str]:
+        """The key options this role lacks to sign and verify, and how to get them."""
+        return [], ""
+
+    @property
+    def unsigned_remote(self) -> str | None:
+        """The host of a remote broker this process would talk to without its keys."""
+        host = remote_broker_host(self.broker)
+        return host if host is not None and self._missing_keys()[0] else None
+
+    def insecure_warning(self) -> str | None:
+        """The start-up warning of a process running ``--insecure`` over a remote broker."""
+        host = self.unsigned_remote
+        if host is None:
+            return None
+        missing = " and ".join(self._missing_keys()[0])
+        return (f"--insecure: without {missing}, messages are not signed and checked over the "
+                f"broker at {host}, which is not on this machine: anyone who can publish there "
+                "can forge updates, models and stops (make keys with `dfl admin`)")
+
+    @model_validator(mode="after")
+    def _secure_by_default(self) -> FederationSettings:
+        host = self.unsigned_remote
+        if host is not None and not self.insecure:
+            missing, fix = self._missing_keys()
+            raise ValueError(f"--broker {host} is not on this machine (localhost, 127.0.0.0/8, "
+                             f"::1), so messages must be signed, but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not given: {fix}, or "
+                             "pass --insecure (DFL_INSECURE=true) to accept unsigned messages")
+        return self

@@ -12,8 +12,13 @@ Every name is prefixed by the federation id ``F`` so several federations share a
   ``F.models.<party>`` queue holding only the newest model (max-length 1, drop-head), or,
   for a model over ``--max-chunk-bytes``, the announcement of its version: such a model
   would need several chunks, which that queue cannot hold, so parties fetch it by RPC.
-- ``F.dead``     fanout exchange + durable queue holding every rejected message, with the
-  reason in the ``x-dfl-reason`` header.
+- ``F.dead``     fanout exchange + durable queue holding every rejected message, byte for
+  byte, and beside each a reason record (``messages.deadletter``); bounded (oldest first out).
+
+``F.updates`` and ``F.control`` carry an explicit delivery limit (quorum queues'
+``x-delivery-limit``; RabbitMQ 3.x has no default): a message that crashed or stalled its
+consumer that many times is dead-lettered by the broker itself, so not even a bug nobody has
+found can make one message loop forever.
 
 The aggregator declares the shared part (declaring is idempotent; different arguments are
 refused by the broker). A party only checks that it exists (a passive check, which needs no
@@ -27,13 +32,21 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from messages.bounds import PARTY_ID
 from messages.broker import Broker, Delivery
-from messages.errors import ConfigError, InvalidMessage
+from messages.deadletter import dead_letter
+from messages.errors import ConfigError
 
-REASON_HEADER = "x-dfl-reason"
-DETAIL_HEADER = "x-dfl-detail"
 QUEUE_TYPES = ("quorum", "classic")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEFAULT_DELIVERY_LIMIT = 5
+"""Deliveries of one message to the aggregator before the broker dead-letters it: enough
+for the crashes and restarts of an ordinary bad day (each returns the window's messages once),
+few enough that a poison message costs only a few restarts."""
+DEAD_MAX_LENGTH = 100_000
+DEAD_MAX_BYTES = 1 << 30
+"""``F.dead`` keeps at most this many messages and bytes; the oldest go first, so a flood of
+bad messages cannot fill the broker's disk."""
+_NAME = PARTY_ID
 
 
 def check_name(what: str, value: str) -> str:
@@ -50,6 +63,7 @@ class Topology:
     federation: str
     queue_type: str = "quorum"
     updates_max_length: int | None = None
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 
     def __post_init__(self) -> None:
         check_name("federation id", self.federation)
@@ -82,20 +96,29 @@ class Topology:
     def declare(self, broker: Broker) -> None:
         """Declare the shared exchanges and queues (idempotent)."""
         broker.declare_exchange(self.dead, "fanout")
-        broker.declare_queue(self.dead, arguments={"x-queue-type": self.queue_type})
+        broker.declare_queue(self.dead, arguments={
+            "x-queue-type": self.queue_type, "x-max-length": DEAD_MAX_LENGTH,
+            "x-max-length-bytes": DEAD_MAX_BYTES, "x-overflow": "drop-head"})
         broker.bind(self.dead, self.dead)
-        updates_args: dict[str, Any] = {"x-queue-type": self.queue_type,
-                                        "x-dead-letter-exchange": self.dead}
+        updates_args = self._consumed_args()
         if self.updates_max_length is not None:
             updates_args["x-max-length"] = self.updates_max_length
             updates_args["x-overflow"] = "reject-publish"
         broker.declare_queue(self.updates, arguments=updates_args)
-        broker.declare_queue(self.control, arguments={"x-queue-type": self.queue_type,
-                                                      "x-dead-letter-exchange": self.dead})
+        broker.declare_queue(self.control, arguments=self._consumed_args())
         broker.declare_exchange(self.models, "fanout")
         broker.declare_exchange(self.ingress, "direct")
         broker.bind(self.updates, self.ingress, self.updates)
         broker.bind(self.control, self.ingress, self.control)
+
+    def _consumed_args(self) -> dict[str, Any]:
+        """Arguments of the queues the aggregator consumes: dead letters go to ``F.dead``; a
+        quorum queue gets the delivery limit (classic queues have none on RabbitMQ 3.x)."""
+        args: dict[str, Any] = {"x-queue-type": self.queue_type,
+                                "x-dead-letter-exchange": self.dead}
+        if self.queue_type == "quorum":
+            args["x-delivery-limit"] = self.delivery_limit
+        return args
 
     def ready(self, broker: Broker) -> bool:
         """Whether the aggregator has declared the federation (what a party needs of it)."""
@@ -125,15 +148,7 @@ class Topology:
         broker.bind(name, self.models)
         return name
 
-    def dead_letter(self, broker: Broker, delivery: Delivery, error: InvalidMessage) -> None:
-        """Move ``delivery`` to ``F.dead`` with its reason, then ack the original.
-
-        The copy is confirmed before the ack, so a crash in between leaves a redelivery
-        (handled again), never a loss.
-        """
-        headers = dict(delivery.headers)
-        headers[REASON_HEADER] = error.reason
-        headers[DETAIL_HEADER] = error.detail[:500]
-        headers["x-dfl-queue"] = delivery.queue
-        broker.publish(self.dead, "", delivery.body, headers=headers)
-        broker.ack(delivery)
+    def dead_letter(self, broker: Broker, delivery: Delivery, reason: str, detail: str = "",
+                    party: str = "") -> None:
+        """Dead-letter ``delivery`` to ``F.dead`` with its reason (``messages.deadletter``)."""
+        dead_letter(broker, self.dead, delivery, reason, detail, party)

@@ -30,10 +30,12 @@ class Procs:
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[str]:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[str]:
+        """Start ``dfl ARGS`` as ``name``; ``env`` adds variables to the environment."""
         log = (self.tmp / f"{name}.log").open("a")
         p = subprocess.Popen([dfl(), *args], stdout=log, stderr=subprocess.STDOUT, text=True,
-                             env=ENV)
+                             env={**ENV, **(env or {})})
         self.procs[name] = p
         return p
 

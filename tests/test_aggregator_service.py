@@ -18,8 +18,9 @@ import pytest
 from aggregator import Aggregator, AggregatorConfig
 from messages.broker import Broker, Delivery, connect
 from messages.codec import SCHEMA_VERSION, decode, encode
-from messages.kinds import Join, Leave, Message, Model, Stop, Update, Welcome
-from messages.topology import REASON_HEADER, Topology
+from messages.deadletter import DeadLetter, read_dead
+from messages.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
+from messages.topology import Topology
 
 SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,)}
 
@@ -41,12 +42,17 @@ class Client:
         topology.declare(self.b)
         self.models: list[Model] = []
         self.broadcasts: list[Message] = []
-        self.dead: list[Delivery] = []
+        self.raw_dead: list[Delivery] = []  # dead letters and their reason records
         self.b.consume(topology.dead, self._on_dead)
 
     def _on_dead(self, d: Delivery) -> None:
-        self.dead.append(d)
+        self.raw_dead.append(d)
         self.b.ack(d)
+
+    @property
+    def dead(self) -> list[DeadLetter]:
+        """The dead letters so far, each with its reason."""
+        return read_dead((d.body, d.headers) for d in self.raw_dead)
 
     def listen(self, party: str) -> None:
         q = self.t.declare_model_queue(self.b, party)
@@ -226,6 +232,13 @@ BAD = [
                    for n, s in SHAPES.items()]), "out-of-range"),
     (body(base_version=7), "future-version"),
     (encode(Join("a", 1, initial())), "wrong-queue"),
+    (body(seq=1 << 40), "bad-seq"),  # far past the range the party's join granted
+    (body(seq=2**53), "out-of-bounds"),
+    (body(v=True), "bad-version"),
+    (body(v=1.0), "bad-version"),
+    (body(party="a\nb"), "bad-party"),
+    (body(metrics={"loss\n": 1.0}), "bad-text"),
+    (body(metrics={f"m{i}": 1.0 for i in range(65)}), "too-many"),
 ]
 
 
@@ -236,10 +249,10 @@ def test_each_bad_update_is_dead_lettered_with_its_reason_and_changes_nothing(
     before = snapshot(agg)
     client.send(bad)
     client.pump(lambda: len(client.dead) == 1)
-    assert client.dead[0].headers[REASON_HEADER] == reason
+    assert client.dead[0].reason == reason
     assert client.dead[0].body == bad
     assert snapshot(agg) == before and agg.version == 0
-    assert agg.status.rejected[reason] == 1
+    client.pump(lambda: agg.status.rejected[reason] == 1)  # counted once settled
     client.update("a", 0, 0)  # and the service carries on
     client.pump(lambda: agg.version == 1)
 
@@ -266,7 +279,7 @@ def test_updates_staler_than_max_staleness_are_dead_lettered(running: Any) -> No
     client.pump(lambda: agg.version == 4)
     client.update("b", 0, 0)
     client.pump(lambda: len(client.dead) == 1)
-    assert client.dead[0].headers[REASON_HEADER] == "stale"
+    assert client.dead[0].reason == "stale"
 
 
 def test_a_party_with_a_different_model_is_refused_at_join(running: Any) -> None:
@@ -312,3 +325,90 @@ def test_the_aggregator_stops_at_its_version_limit_and_broadcasts_stop(env: Env)
     assert agg.wait(10)
     assert agg.status.finished == "version limit 2"
     client.pump(lambda: any(isinstance(m, Stop) for m in client.broadcasts))
+
+
+def test_a_forged_far_ahead_seq_cannot_silence_the_real_party(running: Any) -> None:
+    agg, client = running
+    seq = client.join("a").next_seq
+    client.update("a", seq + (1 << 20), 0)  # forged: past the window of the granted range
+    client.pump(lambda: len(client.dead) == 1)
+    assert client.dead[0].reason == "bad-seq"
+    client.update("a", seq, 0)  # the real party's next update is applied, not a "duplicate"
+    client.pump(lambda: agg.version == 1)
+    assert agg.status.duplicates == 0
+
+
+def test_a_forged_x_death_header_is_dead_lettered_without_the_broker_reading_it(
+        running: Any) -> None:
+    """RabbitMQ 3.10 crashes the source queue when it dead-letters a message whose x-death
+    entries are not tables: the aggregator copies such a body to F.dead instead."""
+    agg, client = running
+    forged = {"x-death": [["not", "a", "table"]], "x-other": "kept?"}
+    client.b.publish("", client.t.updates, body(seq=9), headers=forged)
+    client.pump(lambda: len(client.dead) == 1)
+    [letter] = client.dead
+    assert letter.reason == "bad-envelope" and letter.body == body(seq=9)
+    assert "x-other" not in letter.headers  # copied without the sender's envelope
+    client.update("a", 0, 0)  # and F.updates is still there and served
+    client.pump(lambda: agg.version == 1)
+
+
+def test_an_unexpected_exception_is_an_internal_error_dead_letter_not_a_stop(
+        running: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    agg, client = running
+    from aggregator import service
+
+    real = service.check_update
+
+    def buggy(message: Any, **kw: Any) -> Any:
+        if getattr(message, "seq", None) == 13:
+            raise KeyError("a bug this message triggers")
+        return real(message, **kw)
+
+    monkeypatch.setattr(service, "check_update", buggy)
+    before = snapshot(agg)
+    client.update("a", 13, 0)
+    client.pump(lambda: len(client.dead) == 1)
+    assert client.dead[0].reason == "internal-error" and "KeyError" in client.dead[0].detail
+    client.pump(lambda: agg.status.rejected["internal-error"] == 1)
+    assert snapshot(agg) == before
+    assert agg.metrics.internal_errors._value.get() == 1
+    client.update("a", 14, 0)
+    client.pump(lambda: agg.version == 1)
+    assert agg.error is None
+
+
+def test_an_unknown_partys_heartbeat_asks_only_that_party_to_rejoin(running: Any) -> None:
+    agg, client = running
+    client.listen("ghost")
+    for _ in range(5):
+        client.b.publish("", client.t.control, encode(Heartbeat("ghost", 0)))
+    client.pump(lambda: any(isinstance(m, Query) for m in client.broadcasts))
+    client.b.process_events(0.3)
+    asks = [m for m in client.broadcasts if isinstance(m, Query)]
+    assert len(asks) == 1  # once (rate-limited), and only on ghost's own queue:
+    assert agg.membership.active == {"a", "b"}  # the live parties were not disturbed
+
+
+def test_joins_past_max_parties_and_the_join_rate_are_refused(env: Env) -> None:
+    agg = env.start(min_parties=1, max_parties=3, join_rate=1000.0)
+    client = env.client()
+    for party in ("a", "b", "c"):
+        assert client.join(party).accepted
+    client.b.publish("", client.t.control, encode(Join("d", 100, initial())))
+    client.pump(lambda: len(client.dead) == 1)
+    assert client.dead[0].reason == "too-many-parties"
+    client.b.publish("", client.t.control, encode(Leave("c")))
+    assert client.join("d").accepted  # c left: d takes its place
+    agg.stop()
+    agg.wait(10)
+    client.b.close()
+    slow = env.start(min_parties=1, join_rate=0.5)  # burst 1: one join, then one per 2 s
+    flood = env.client()
+    for i in range(20):
+        flood.b.publish("", flood.t.control, encode(Join(f"made-up-{i}", 1, initial())))
+    flood.pump(lambda: len(flood.dead) >= 19)
+    assert {d.reason for d in flood.dead} == {"join-rate"}
+    assert slow.status.checkpoints <= 1 and len(slow.membership.parties) == 1
+    slow.stop()
+    slow.wait(10)

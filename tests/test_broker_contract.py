@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from messages.broker import Broker, Delivery
-from messages.errors import AccessRefused, InvalidMessage, PublishRejected, RpcTimeout
-from messages.topology import REASON_HEADER
+from messages.deadletter import RECORD_HEADER, read_dead
+from messages.errors import AccessRefused, PublishRejected, RpcTimeout
 from tests.conftest import Brokers
 
 
@@ -72,18 +73,42 @@ def test_a_nacked_message_is_dead_lettered_with_the_rejected_reason(brokers: Bro
     assert dead[0].headers["x-first-death-queue"] == t.updates
 
 
-def test_dead_letter_with_reason_stores_a_copy_and_acks_the_original(brokers: Brokers) -> None:
+def test_dead_letter_keeps_the_original_bytes_and_records_the_reason_beside_it(
+        brokers: Brokers) -> None:
     b = brokers.open()
     t = brokers.topology
     t.declare(b)
-    b.publish("", t.updates, b"\xc1garbage")
-    b.consume(t.updates, lambda d: t.dead_letter(b, d, InvalidMessage("not-msgpack", "x")))
+    b.publish("", t.updates, b"\xc1garbage", headers={"x-any": "thing"})
+    b.consume(t.updates, lambda d: t.dead_letter(b, d, "not-msgpack", "x", "alice"))
     dead = collect(b, t.dead)
-    pump(b, lambda: len(dead) == 1)
-    assert dead[0].body == b"\xc1garbage"
-    assert dead[0].headers[REASON_HEADER] == "not-msgpack"
+    pump(b, lambda: len(dead) == 2)
+    assert RECORD_HEADER in dead[0].headers  # the reason first, then the message itself
+    [letter] = read_dead((d.body, d.headers) for d in dead)
+    assert letter.body == b"\xc1garbage" and letter.headers["x-any"] == "thing"
+    assert (letter.reason, letter.detail, letter.party) == ("not-msgpack", "x", "alice")
+    assert letter.queue == t.updates
     b.close()
     assert brokers.open().queue_depth(t.updates) == 0
+
+
+def test_a_quorum_queue_dead_letters_a_message_past_its_delivery_limit(
+        brokers: Brokers) -> None:
+    b = brokers.open()
+    t = brokers.topology
+    t.declare(b)
+    b.publish("", t.updates, b"poison")
+    seen: list[int] = []
+
+    def give_back(d: Any) -> None:
+        seen.append(int(d.headers.get("x-delivery-count", 0)))
+        b.nack(d, requeue=True)
+
+    b.consume(t.updates, give_back)
+    dead = collect(b, t.dead)
+    pump(b, lambda: len(dead) == 1)
+    assert seen == list(range(t.delivery_limit + 1))
+    [letter] = read_dead((d.body, d.headers) for d in dead)
+    assert (letter.body, letter.reason) == (b"poison", "delivery-limit")
 
 
 def test_unacked_messages_are_redelivered_after_the_consumer_closes(brokers: Brokers) -> None:

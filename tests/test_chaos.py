@@ -4,12 +4,16 @@ applied twice.
 Each test keeps a ledger: every worker appends each (party, seq) the broker confirmed; the
 aggregator writes every (party, seq) it applied at exit; dead-lettered and never-consumed
 messages are drained from F.dead and F.updates at the end. The books must balance:
-confirmed == applied + dead-lettered + still queued, with nothing applied twice.
+confirmed == applied + dead-lettered + still queued, with nothing applied twice. An audit
+queue on the model fanout keeps every model broadcast: no version number may ever carry two
+different models (an aggregator restarted from a checkpoint older than its last broadcast
+continues under a fresh version).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -29,7 +33,7 @@ import pytest
 from messages.broker import connect
 from messages.codec import decode
 from messages.errors import InvalidMessage
-from messages.kinds import Update
+from messages.kinds import Model, Update
 from messages.topology import Topology
 from tests.processes import Procs
 
@@ -47,6 +51,11 @@ class Federation(Procs):
         self.common = ["--broker", url, "--federation", federation, "--seed", "3", *TINY]
 
     def aggregator(self) -> subprocess.Popen[str]:
+        t = Topology(self.federation)
+        with connect(self.url) as b:  # before the first broadcast: an audit of every model
+            b.declare_exchange(t.models, "fanout")
+            b.declare_queue(f"{t.models}.audit", durable=False)
+            b.bind(f"{t.models}.audit", t.models)
         return self.start(
             "aggregator", "aggregator", *self.common, "--no-eval", "--min-parties", "2",
             "--max-versions", str(self.versions), "--local-steps", "10", "--batch-size", "16",
@@ -94,6 +103,19 @@ class Federation(Procs):
                      duplicates=ledger["duplicates"], dead=dead, queued=queued,
                      version=ledger["version"])
 
+    def models_by_version(self) -> dict[int, set[str]]:
+        """Every version broadcast so far, with the digests of the models sent under it."""
+        t = Topology(self.federation)
+        seen: dict[int, set[str]] = {}
+        with connect(self.url) as b:
+            while (d := b.get(f"{t.models}.audit")) is not None:
+                msg = decode(d.body)
+                if isinstance(msg, Model) and msg.tensors:
+                    digest = hashlib.sha256(b"".join(a.tobytes() for a in msg.tensors.values()))
+                    seen.setdefault(msg.version, set()).add(digest.hexdigest())
+            b.delete_queue(f"{t.models}.audit")
+        return seen
+
     def _drain(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         t = Topology(self.federation)
         found: dict[str, list[tuple[str, int]]] = {t.dead: [], t.updates: []}
@@ -107,6 +129,12 @@ class Federation(Procs):
             for q in (t.updates, t.control, t.dead):
                 b.delete_queue(q)
         return found[t.dead], found[t.updates]
+
+    def check_versions(self) -> None:
+        """No version number was broadcast with two different models."""
+        seen = self.models_by_version()
+        reused = {v: d for v, d in seen.items() if len(d) > 1}
+        assert seen and not reused, f"versions broadcast with different models: {reused}"
 
 
 @dataclass
@@ -157,6 +185,7 @@ def test_the_aggregator_killed_three_times_loses_nothing_and_applies_nothing_twi
         fed.aggregator()
     books = fed.finish()
     books.check(fed.versions)
+    fed.check_versions()
     assert fed.log("aggregator").count("resuming from checkpoint-") == 3
 
 

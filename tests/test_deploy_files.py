@@ -2,9 +2,12 @@
 
 Always (PyYAML, from the test extra): every YAML file parses; the StatefulSet takes its party
 id from the pod's host name, the aggregator Deployment is a single Recreate replica, compose
-workers claim ids with DFL_PARTY_ID=auto; every DFL_* variable and every flag in the deploy
-files is an option of `dfl aggregator --help` / `dfl worker --help` (of the role that reads
-it); the Grafana dashboard queries only the metrics the daemons export.
+workers claim distinct ids by locking key files; every DFL_* variable and every flag in the
+deploy files is an option of `dfl aggregator --help` / `dfl worker --help` (of the role that
+reads it); no deploy file runs a daemon --insecure, each one provisions identities and keys
+with `dfl admin` and gives every daemon its key options, and the provisioning and claiming
+scripts run here (with a stand-in for `dfl`); the Grafana dashboard queries only the metrics
+the daemons export.
 
 When installed (each one skips its own test, saying which package is missing):
 kubernetes-validate (built-in resources against the Kubernetes OpenAPI schemas, strict),
@@ -48,6 +51,7 @@ SYSTEMD = DEPLOY / "systemd"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "dfl-dashboard.json"
+SYSTEMD_UNITS = ("dfl-aggregator.service", "dfl-worker@.service", "dfl-keys.service")
 
 K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests are meant for
 CRD_KINDS = {"RabbitmqCluster", "ServiceMonitor"}
@@ -76,8 +80,9 @@ WORKER_METRICS = {
 METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS}
 
 DFL_VAR = re.compile(r"\bDFL_[A-Z0-9_]+\b")
-# Variables the deploy files may name that are not options (none so far: keep DFL_ for options).
-NOT_OPTIONS: set[str] = set()
+# Variables the deploy files may name that are not options: the broker administrator's
+# password, which `dfl admin` reads (keep DFL_ for options otherwise).
+NOT_OPTIONS: set[str] = {"DFL_ADMIN_PASSWORD"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -248,6 +253,10 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
                 used.append((f"compose {role}", var, options[role]))
         for flag in flags(service["command"][1:]):
             used.append((f"compose {role}", flag, options[role]))
+        # and the flags its entrypoint script adds
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)",
+                               " ".join(service.get("entrypoint", []))):
+            used.append((f"compose {role} entrypoint", flag, options[role]))
 
     # Kubernetes: the ConfigMap feeds both; each workload's env and args its own role
     for var in find("ConfigMap", "dfl-config")["data"]:
@@ -285,23 +294,37 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
 
 def test_compose_structure(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "aggregator", "worker"}
+    assert set(services) == {"rabbitmq", "keys", "aggregator", "worker"}
     rabbit = services["rabbitmq"]
     assert rabbit["image"].startswith("rabbitmq:3.13-management")
     assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
 
-    agg, wrk = services["aggregator"], services["worker"]
-    for service in (agg, wrk):
+    keys, agg, wrk = services["keys"], services["aggregator"], services["worker"]
+    for service in (keys, agg, wrk):
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert "dfl-keys:/etc/dfl/keys" in " ".join(service["volumes"])
+    for service in (agg, wrk):
+        # the daemons start once `keys` has made every identity, and read the keys only
+        assert service["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+        assert "dfl-keys:/etc/dfl/keys:ro" in service["volumes"]
         assert service["environment"]["DFL_METRICS_PORT"] == "9100"
-        broker = service["environment"]["DFL_BROKER"]
-        assert "${RABBITMQ_USER:-guest}" in broker and "${RABBITMQ_PASSWORD:-guest}" in broker
+        # each connects as its own user, whose password `keys` wrote: never the admin's
+        assert "DFL_BROKER" not in service["environment"]
+        script = service["entrypoint"][2]
+        assert 'export DFL_BROKER="amqp://$$user:$$password@rabbitmq:5672/%2F"' in script
+        assert 'exec dfl "$$@"' in script
+        assert not any("RABBITMQ" in v for v in service["environment"])
         assert "ports" not in service or service is agg  # scaled workers publish no host port
-    for key in ("DFL_FEDERATION", "DFL_QUEUE_TYPE", "DFL_BROKER"):
-        assert agg["environment"][key] == wrk["environment"][key], key
+    for key in ("DFL_FEDERATION", "DFL_QUEUE_TYPE"):
+        assert agg["environment"][key] == wrk["environment"][key] == keys["environment"].get(
+            key, agg["environment"][key]), key
+    assert keys["environment"]["DFL_NUM_PARTIES"] == wrk["environment"]["DFL_NUM_PARTIES"]
+    assert keys["restart"] == "no" and "--management-url" in keys["command"][0]
 
-    assert wrk["environment"]["DFL_PARTY_ID"] == "auto"
+    # workers claim party ids by locking their key files, so --scale needs no fixed names
+    assert "DFL_PARTY_ID" not in wrk["environment"]
+    assert "flock -n 9" in wrk["entrypoint"][2]
     assert re.fullmatch(r"\$\{DFL_NUM_PARTIES:-\d+\}", wrk["environment"]["DFL_NUM_PARTIES"])
     assert "container_name" not in wrk and "hostname" not in wrk  # or --scale cannot work
 
@@ -314,7 +337,7 @@ def test_compose_structure(compose: dict[str, Any]) -> None:
     # credentials only through variables: no literal user:password@ in the file
     text = COMPOSE.read_text()
     for literal in re.findall(r"amqps?://([^@\s]*)@", text):
-        assert literal.startswith("${"), literal
+        assert literal.startswith(("${", "$$")), literal
     for line in text.splitlines():
         code = line.split("#", 1)[0]
         assert "guest" not in code.replace(":-guest}", ""), line
@@ -407,6 +430,219 @@ def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
             server.shutdown()
 
 
+# ----------------------------------------------------------------------------- identities
+
+# A stand-in for `dfl` in the deploy scripts: `dfl admin add-aggregator|add-party ID` writes
+# what the real one writes (and refuses an existing password file, as it does); any other
+# command records its arguments and DFL_BROKER, then holds its locks for $STUB_HOLD s.
+STUB_DFL = """\
+import json, os, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({"args": args, "broker": os.environ.get("DFL_BROKER")}) + "\\n")
+if args[0] == "admin":
+    opts = dict(zip(args[2::2], args[3::2])) if args[1] == "add-aggregator" else \\
+        dict(zip(args[3::2], args[4::2]))
+    name = "aggregator" if args[1] == "add-aggregator" else args[2]
+    user = f"dfl-{opts['--federation']}-" + ("aggregator" if name == "aggregator"
+                                              else f"party-{name}")
+    keys = Path(opts["--keys"])
+    if (keys / f"{user}.password").exists():
+        sys.exit(f"dfl admin: error: {keys / user}.password exists")
+    (keys / f"{user}.password").write_text(f"pw-{name}\\n")
+    (keys / f"{name}.key").write_text("key")
+    (keys / f"{name}.pub").write_text("pub")
+else:
+    time.sleep(float(os.environ.get("STUB_HOLD", "0")))
+"""
+
+
+@pytest.fixture
+def stub_dfl(tmp_path: Path) -> dict[str, str]:
+    """An environment whose `dfl` is STUB_DFL, logging to ``tmp_path / "calls.jsonl"``."""
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dfl").write_text(f"#!{sys.executable}\n{STUB_DFL}")
+    (bin_dir / "dfl").chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(tmp_path / "calls.jsonl")}
+
+
+def calls(env: dict[str, str]) -> list[dict[str, Any]]:
+    log = Path(env["STUB_LOG"])
+    return [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+
+
+def compose_script(service: dict[str, Any], keys: Path) -> list[str]:
+    """A compose service's entrypoint and command as the container runs them, with the
+    dfl-keys volume at ``keys``."""
+    argv = [*service.get("entrypoint", []), *service["command"]]
+    return [a.replace("$$", "$").replace("/etc/dfl/keys", str(keys)) for a in argv]
+
+
+def test_no_deploy_file_runs_insecure_and_every_daemon_has_its_keys() -> None:
+    """Secure by default: compose, Kubernetes and systemd give each daemon its own keys and
+    never --insecure, so their brokers (not on the daemons' machine) are accepted."""
+    files = [COMPOSE, DEPLOY / "env.example", DOCKERFILE, *K8S.iterdir(), *SYSTEMD.iterdir()]
+    for path in files:
+        text = path.read_text()
+        assert "--insecure" not in text and "DFL_INSECURE" not in text, path.name
+        assert not re.search(r"(?im)^\s*-?\s*insecure\s*[=:]", text), path.name
+
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    k8s_agg, k8s_wrk = container(find("Deployment")), container(find("StatefulSet"))
+    systemd = {name: shlex.split(values(unit(SYSTEMD / name)["Service"], "ExecStart")[0])
+               for name in ("dfl-aggregator.service", "dfl-worker@.service")}
+    aggregators = {"compose": compose["aggregator"]["command"], "k8s": k8s_agg["args"],
+                   "systemd": systemd["dfl-aggregator.service"][1:]}
+    workers = {"compose": compose["worker"]["command"] + re.findall(
+                   r"--[a-z-]+ \S+", compose["worker"]["entrypoint"][2]),
+               "k8s": k8s_wrk["args"], "systemd": systemd["dfl-worker@.service"][1:]}
+    workers["compose"] = [w for a in workers["compose"] for w in a.split()]
+    try:
+        from aggregator.config import AggregatorConfig
+        from messages.errors import ConfigError
+        from worker.config import WorkerConfig
+    except ImportError as exc:
+        pytest.skip(f"the daemons' configurations are not importable: {exc}")
+    remote = "amqp://user:password@rabbitmq:5672/%2F"  # a broker on another machine
+    for where, argv in aggregators.items():
+        assert argv[0] == "aggregator" and "--keys" in argv, where
+        AggregatorConfig(broker=remote, keys_dir=argv[argv.index("--keys") + 1])
+    for where, argv in workers.items():
+        assert argv[0] == "worker", where
+        keys = {flag: argv[argv.index(flag) + 1] for flag in ("--signing-key",
+                                                               "--aggregator-key")}
+        WorkerConfig(broker=remote, party_id=0, signing_key=keys["--signing-key"],
+                     aggregator_key=keys["--aggregator-key"])
+    with pytest.raises(ConfigError, match="--insecure"):  # and without them, refused
+        AggregatorConfig(broker=remote)
+
+
+def test_compose_keys_service_makes_each_identity_once(
+        compose: dict[str, Any], stub_dfl: dict[str, str], tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    service = compose["services"]["keys"]
+    env = {**stub_dfl, "DFL_FEDERATION": "mnist", "DFL_NUM_PARTIES": "3",
+           "RABBITMQ_ADMIN_USER": "admin", "DFL_ADMIN_PASSWORD": "s3cret"}
+    argv = compose_script(service, keys)
+    done = run(argv, env=env)
+    assert done.returncode == 0, done.stderr
+    made = [c["args"][:3] for c in calls(stub_dfl)]
+    assert made == [["admin", "add-aggregator", "--federation"],
+                    ["admin", "add-party", "0"], ["admin", "add-party", "1"],
+                    ["admin", "add-party", "2"]]
+    assert all("http://admin@rabbitmq:15672" in c["args"] for c in calls(stub_dfl))
+    assert "s3cret" not in json.dumps(calls(stub_dfl))  # the password travels in the env
+    assert run(argv, env=env).returncode == 0  # again: nothing to do
+    assert len(calls(stub_dfl)) == 4
+    (keys / "1.key").unlink()  # a party whose key went missing (its password stayed)
+    env["DFL_NUM_PARTIES"] = "4"  # and one more party
+    assert run(argv, env=env).returncode == 0
+    assert [c["args"][:3] for c in calls(stub_dfl)[4:]] == [
+        ["admin", "add-party", "1"], ["admin", "add-party", "3"]]
+
+
+def test_compose_workers_claim_distinct_parties_with_their_own_identity(
+        compose: dict[str, Any], stub_dfl: dict[str, str], tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("0", "1", "aggregator"):
+        user = "dfl-mnist-" + ("aggregator" if name == "aggregator" else f"party-{name}")
+        (keys / f"{name}.key").write_text("key")
+        (keys / f"{user}.password").write_text(f"pw-{name}\n")
+    env = {**stub_dfl, "DFL_FEDERATION": "mnist", "DFL_NUM_PARTIES": "2", "STUB_HOLD": "3"}
+    worker = compose_script(compose["services"]["worker"], keys)
+    procs = [subprocess.Popen(worker, env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [(p.wait(timeout=30), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 0, 2], results
+    (refusal,) = [err for rc, err in results if rc == 2]
+    assert "all 2 party ids are taken" in refusal
+    started = calls(stub_dfl)
+    ids = sorted(c["args"][c["args"].index("--party-id") + 1] for c in started)
+    assert ids == ["0", "1"]
+    for c in started:
+        party = c["args"][c["args"].index("--party-id") + 1]
+        assert c["args"][0] == "worker"
+        assert c["args"][c["args"].index("--signing-key") + 1] == f"{keys}/{party}.key"
+        assert c["broker"] == f"amqp://dfl-mnist-party-{party}:pw-{party}@rabbitmq:5672/%2F"
+    # a party that stopped frees its id for the next worker
+    assert run(worker, env={**env, "STUB_HOLD": "0"}).returncode == 0
+
+    aggregator = compose_script(compose["services"]["aggregator"], keys)
+    assert run(aggregator, env=env).returncode == 0
+    last = calls(stub_dfl)[-1]
+    assert last["args"] == ["aggregator", "--keys", str(keys)]
+    assert last["broker"] == "amqp://dfl-mnist-aggregator:pw-aggregator@rabbitmq:5672/%2F"
+
+
+def test_k8s_worker_init_container_copies_out_its_own_party(tmp_path: Path) -> None:
+    (init,) = find("StatefulSet")["spec"]["template"]["spec"]["initContainers"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    secret, identity = tmp_path / "secret", tmp_path / "identity"
+    secret.mkdir()
+    identity.mkdir()
+    for i in (0, 1):
+        (secret / f"{i}.key").write_text(f"key-{i}")
+        (secret / f"dfl-mnist-party-{i}.password").write_text(f"pw-{i}\n")
+    (secret / "aggregator.pub").write_text("pub")
+    script = init["command"][-1]
+    for name, path in mounts.items():
+        script = script.replace(path, str(secret if name == "party-keys" else identity))
+    argv = [*init["command"][:-1], script]
+    env = {"PATH": "/usr/bin:/bin", "DFL_FEDERATION": "mnist", "HOSTNAME": "dfl-worker-1"}
+    done = run(argv, env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in identity.iterdir()) == [
+        "aggregator.pub", "broker.toml", "party.key"]
+    assert (identity / "party.key").read_text() == "key-1"
+    assert (identity / "broker.toml").read_text() == (
+        'broker = "amqp://dfl-mnist-party-1:pw-1@rabbitmq:5672/%2F"\n')
+    done = run(argv, env={**env, "HOSTNAME": "dfl-worker-2"})  # no identity for party 2
+    assert done.returncode != 0 and "raise DFL_NUM_PARTIES" in done.stderr
+
+
+def test_k8s_provision_script_compiles() -> None:
+    source = (K8S / "provision-keys.py").read_text()
+    compile(source, "provision-keys.py", "exec")
+    for var in ("DFL_FEDERATION", "DFL_NUM_PARTIES", "AGGREGATOR_SECRET", "PARTY_SECRET",
+                "RABBITMQ_ADMIN_USER", "RABBITMQ_MANAGEMENT_URL"):
+        assert f'os.environ["{var}"]' in source
+        env = {e["name"] for e in container(find("Job", "dfl-keys"))["env"]}
+        assert var in env, var
+
+
+def test_systemd_keys_script_makes_identities_and_party_bundles(
+        stub_dfl: dict[str, str], tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    env = {**stub_dfl, "STATE_DIRECTORY": str(keys), "DFL_FEDERATION": "mnist",
+           "DFL_NUM_PARTIES": "2", "RABBITMQ_MANAGEMENT_URL": "http://admin@rabbit:15672",
+           "DFL_ADMIN_PASSWORD": "s3cret",
+           "DFL_BROKER": "amqps://rabbit.example.org:5671/%2F?cacertfile=/etc/dfl/ca.pem"}
+    script = ["/bin/sh", str(SYSTEMD / "dfl-keys.sh")]
+    done = run(script, env=env)
+    assert done.returncode == 0, done.stderr
+    assert env_file(keys / "aggregator.env") == {"DFL_BROKER": (
+        "amqps://dfl-mnist-aggregator:pw-aggregator@rabbit.example.org:5671/%2F"
+        "?cacertfile=/etc/dfl/ca.pem")}
+    for i in (0, 1):
+        bundle = keys / "parties" / str(i)
+        assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*.*")) == [
+            f"keys/{i}.key", "keys/aggregator.pub", f"worker-{i}.env"]
+        assert env_file(bundle / f"worker-{i}.env")["DFL_BROKER"].startswith(
+            f"amqps://dfl-mnist-party-{i}:pw-{i}@rabbit.example.org:5671/")
+        assert (keys / f"{i}.pub").exists() and not (keys / f"{i}.key").exists()
+        assert not (keys / f"dfl-mnist-party-{i}.password").exists()  # only in the bundle
+    assert len(calls(stub_dfl)) == 3
+    assert run(script, env=env).returncode == 0  # again: nothing to make
+    assert len(calls(stub_dfl)) == 3
+
+
 @contextlib.contextmanager
 def closed_port() -> Iterator[str]:
     """A TCP port on 127.0.0.1 that nothing listens on (bound, never listening)."""
@@ -425,7 +661,7 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
 
     sts = find("StatefulSet", "dfl-worker")
     c = container(sts)
-    assert c["args"] == ["worker", "--party-id", "hostname"]
+    assert c["args"][:3] == ["worker", "--party-id", "hostname"]
     assert sts["spec"]["replicas"] <= int(config["DFL_NUM_PARTIES"])
     headless = find("Service", sts["spec"]["serviceName"])
     assert headless["spec"].get("clusterIP") == "None"
@@ -453,15 +689,6 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
             assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
         assert any(e.get("configMapRef", {}).get("name") == "dfl-config"
                    for e in c["envFrom"])
-        # DFL_BROKER is built from variables defined before it (Kubernetes expands $(VAR)
-        # only from earlier entries) that come from the credentials Secret
-        env = c["env"]
-        names = [e["name"] for e in env]
-        broker = env[names.index("DFL_BROKER")]["value"]
-        for ref in re.findall(r"\$\((\w+)\)", broker):
-            assert names.index(ref) < names.index("DFL_BROKER"), ref
-            secret = env[names.index(ref)]["valueFrom"]["secretKeyRef"]["name"]
-            assert find("Secret", secret)
         labels = workload["spec"]["template"]["metadata"]["labels"]
         selected = [s for s in services
                     if s["spec"]["selector"].items() <= labels.items()]
@@ -489,11 +716,68 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
         "additionalPlugins", "additionalConfig", "advancedConfig", "envConfig",
         "erlangInetConfig"}
     assert set(rabbit["spec"].get("persistence", {})) <= {"storageClassName", "storage"}
-    # the broker host in DFL_BROKER is the operator's client Service, named after the cluster
-    assert f"@{rabbit['metadata']['name']}:5672/" in broker
 
-    secret = find("Secret")
-    assert set(secret["stringData"]) == {"username", "password"}
+    # Identities: the Job dfl-keys makes them (as the operator's default user) into the two
+    # Secrets its Role may write; the aggregator and the workers read one each.
+    job = find("Job", "dfl-keys")
+    job_pod = job["spec"]["template"]["spec"]
+    job_env = {e["name"]: e for e in container(job)["env"]}
+    aggregator_secret = job_env["AGGREGATOR_SECRET"]["value"]
+    party_secret = job_env["PARTY_SECRET"]["value"]
+    default_user = f"{rabbit['metadata']['name']}-default-user"  # made by the operator
+    for var in ("RABBITMQ_ADMIN_USER", "DFL_ADMIN_PASSWORD"):
+        assert job_env[var]["valueFrom"]["secretKeyRef"]["name"] == default_user
+    assert job_env["RABBITMQ_MANAGEMENT_URL"]["value"] == (
+        f"http://{rabbit['metadata']['name']}:15672")
+    role = find("Role", "dfl-keys")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert {n for r in named for n in r["resourceNames"]} == {aggregator_secret, party_secret}
+    assert all(r["resources"] == ["secrets"] for r in role["rules"])
+    binding = find("RoleBinding", "dfl-keys")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name":
+                                    job_pod["serviceAccountName"], "namespace": "dfl"}]
+    assert find("ServiceAccount", job_pod["serviceAccountName"])
+    script = container(job)["command"][-1]
+    (script_volume,) = [v for v in job_pod["volumes"] if "configMap" in v]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (generated,) = [g for g in kustomization["configMapGenerator"]
+                    if g["name"] == script_volume["configMap"]["name"]]
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # Job immutable
+    assert Path(script).name in generated["files"] and (K8S / Path(script).name).is_file()
+
+    # the aggregator: its user and password and its --keys directory, from its Secret
+    c = container(agg)
+    env = c["env"]
+    names = [e["name"] for e in env]
+    broker = env[names.index("DFL_BROKER")]["value"]
+    # the broker host is the operator's client Service, named after the cluster
+    assert f"@{rabbit['metadata']['name']}:5672/" in broker
+    refs = re.findall(r"\$\((\w+)\)", broker)
+    assert len(refs) == 2
+    for ref in refs:  # Kubernetes expands $(VAR) only from earlier entries
+        assert names.index(ref) < names.index("DFL_BROKER"), ref
+        assert env[names.index(ref)]["valueFrom"]["secretKeyRef"]["name"] == aggregator_secret
+    keys_dir = c["args"][c["args"].index("--keys") + 1]
+    (keys_volume,) = [v["name"] for v in agg["spec"]["template"]["spec"]["volumes"]
+                      if v.get("secret", {}).get("secretName") == aggregator_secret]
+    assert {"name": keys_volume, "mountPath": keys_dir, "readOnly": True} in c["volumeMounts"]
+
+    # a worker: its init container copies its own party's files out of the parties' Secret
+    pod = sts["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (party_volume,) = [v["name"] for v in pod["volumes"]
+                       if v.get("secret", {}).get("secretName") == party_secret]
+    assert party_volume in {m["name"] for m in init["volumeMounts"]}
+    assert party_volume not in {m["name"] for m in container(sts)["volumeMounts"]}
+    assert f"@{rabbit['metadata']['name']}:5672/" in init["command"][-1]
+    args = container(sts)["args"]
+    shared = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    for flag in ("--config", "--signing-key", "--aggregator-key"):
+        path = args[args.index(flag) + 1]
+        assert Path(path).name in init["command"][-1], flag
+        assert any(path.startswith(mount + "/") for name, mount in shared.items()
+                   if name != party_volume), flag
 
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(manifests()), "kustomization.yaml lists every manifest"
@@ -538,6 +822,33 @@ def test_systemd_structure() -> None:
 
     example = env_file(SYSTEMD / "dfl.env")
     assert "DFL_BROKER" in example and "DFL_METRICS_PORT" not in example
+    assert "@" not in example["DFL_BROKER"]  # each process's own user comes from dfl-keys
+
+    # identities: dfl-keys.service (dfl admin) runs before the aggregator, which connects
+    # with the broker URL it wrote and checks signatures with the keys it made
+    keys = unit(SYSTEMD / "dfl-keys.service")
+    k = keys["Service"]
+    assert values(k, "Type") == ["oneshot"] and values(k, "User") == ["dfl"]
+    assert "/etc/dfl/admin.env" in values(k, "EnvironmentFile")
+    assert "DFL_ADMIN_PASSWORD" in env_file(SYSTEMD / "admin.env")
+    assert "/etc/dfl/admin.env" not in values(s, "EnvironmentFile")  # the admin stays out
+    keys_dir = "/var/lib/" + values(k, "StateDirectory")[0]
+    assert "dfl-keys.service" in values(agg["Unit"], "Requires")
+    assert "dfl-keys.service" in " ".join(values(agg["Unit"], "After")).split()
+    assert f"{keys_dir}/aggregator.env" in values(s, "EnvironmentFile")
+    (exec_start,) = values(s, "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[argv.index("--keys") + 1] == keys_dir
+    # a worker's key files are credentials (root-only files, handed over by systemd)
+    w = wrk["Service"]
+    creds = dict(v.split(":", 1) for v in values(w, "LoadCredential"))
+    assert creds == {"signing.key": "/etc/dfl/keys/%i.key",
+                     "aggregator.pub": "/etc/dfl/keys/aggregator.pub"}
+    (exec_start,) = values(w, "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[argv.index("--signing-key") + 1] == "%d/signing.key"
+    assert argv[argv.index("--aggregator-key") + 1] == "%d/aggregator.pub"
+    assert "/etc/dfl/worker-%i.env" in values(w, "EnvironmentFile")  # its own user, required
 
 
 def dashboard_targets() -> list[tuple[str, str]]:
@@ -628,7 +939,12 @@ def test_k8s_kustomize_build() -> None:
     assert done.returncode == 0, done.stderr
     docs = [d for d in yaml.safe_load_all(done.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(d["kind"] for docs_ in manifests().values() for d in docs_)
+    generated = yaml.safe_load((K8S / "kustomization.yaml").read_text())["configMapGenerator"]
+    assert kinds == sorted([d["kind"] for docs_ in manifests().values() for d in docs_]
+                           + ["ConfigMap"] * len(generated))
+    (script,) = [d for d in docs if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"] == generated[0]["name"]]
+    assert script["data"]["provision-keys.py"] == (K8S / "provision-keys.py").read_text()
     for d in docs:
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "dfl", d["metadata"]["name"]
@@ -678,11 +994,14 @@ def test_compose_config_with_the_compose_loader(tmp_path: Path) -> None:
         assert done.returncode == 0, f"{env_file_.name}: {done.stderr}"
         project = json.loads(done.stdout)
         worker = project["services"]["worker"]["environment"]
-        assert worker["DFL_PARTY_ID"] == "auto"
         assert int(worker["DFL_NUM_PARTIES"]) >= 1
-    # the defaults, and what env.example sets, reached the processes
-    assert project["services"]["aggregator"]["environment"]["DFL_BROKER"].startswith(
-        "amqp://dfl:")
+        assert project["services"]["worker"]["command"][0] == "worker"
+        assert project["services"]["worker"]["depends_on"]["keys"]["required"] is True
+    # the defaults, and what env.example sets, reached the processes: the broker's admin
+    # reaches `keys` alone
+    keys = project["services"]["keys"]["environment"]
+    assert keys["RABBITMQ_ADMIN_USER"] == "dfl-admin"
+    assert keys["DFL_ADMIN_PASSWORD"] == "change-me-to-a-long-random-string"
 
 
 def test_dockerfile_hadolint() -> None:
@@ -744,7 +1063,7 @@ def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("no systemd unit tree on this machine")
     shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    for u in ("dfl-aggregator.service", "dfl-worker@.service"):
+    for u in SYSTEMD_UNITS:
         shutil.copy(SYSTEMD / u, root / "etc/systemd/system" / u)
         for v in values(unit(SYSTEMD / u)["Service"], "ExecStart"):
             exe = root / shlex.split(v)[0].lstrip("/")
@@ -756,14 +1075,15 @@ def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_systemd_analyze_verify(systemd_root: Path) -> None:
     done = run(["systemd-analyze", "verify", f"--root={systemd_root}", "--man=no",
-                "dfl-aggregator.service", "dfl-worker@0.service", "dfl-worker@12.service"])
+                "dfl-aggregator.service", "dfl-worker@0.service", "dfl-worker@12.service",
+                "dfl-keys.service"])
     # verify only warns (exit 0) about unknown keys or bad values: any output is a failure
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), (
         done.stdout + done.stderr)
 
 
 def test_systemd_analyze_security(systemd_root: Path) -> None:
-    for name in ("dfl-aggregator.service", "dfl-worker@0.service"):
+    for name in ("dfl-aggregator.service", "dfl-worker@0.service", "dfl-keys.service"):
         done = run(["systemd-analyze", "security", "--offline=yes", f"--root={systemd_root}",
                     "--no-pager", name])
         if "--offline" in done.stderr or "unrecognized option" in done.stderr:

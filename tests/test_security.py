@@ -30,7 +30,6 @@ from messages.signing import (
     make_ed25519,
     make_hmac_secret,
 )
-from messages.topology import REASON_HEADER
 from tests.test_aggregator_service import Client, Env, delta, initial
 from tests.test_aggregator_service import env as env
 from worker import Worker, WorkerConfig
@@ -90,7 +89,7 @@ def signed(env: Env, keys: Path) -> Iterator[tuple[Aggregator, Client, Path]]:
 
 def dead_reason(client: Client, n: int) -> str:
     client.pump(lambda: len(client.dead) >= n)
-    return str(client.dead[n - 1].headers[REASON_HEADER])
+    return client.dead[n - 1].reason
 
 
 def test_a_signed_update_is_applied_and_the_broadcast_is_signed(

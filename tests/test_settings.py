@@ -57,7 +57,8 @@ def test_choices_name_the_allowed_values() -> None:
 
 
 def test_effective_settings_mask_the_broker_password() -> None:
-    text = AggregatorConfig(broker="amqp://user:s3cret@rabbit:5672/%2F").effective()
+    text = AggregatorConfig(broker="amqp://user:s3cret@rabbit:5672/%2F",
+                            keys_dir="keys").effective()
     assert "s3cret" not in text and "amqp://user:***@rabbit" in text
 
 

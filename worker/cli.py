@@ -10,6 +10,7 @@ from messages.cli import (
     Parser,
     add_common_options,
     add_daemon_options,
+    add_insecure_option,
     bind_settings,
     run_daemon,
 )
@@ -96,6 +97,7 @@ def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
                           "<id>.secret (HMAC), made by `dfl admin add-party`")
     sec.add_argument("--aggregator-key", metavar="FILE.pub",
                      help="accept only models and replies signed by this aggregator key")
+    add_insecure_option(sec)
     bind_settings(parser, WorkerConfig)
     return parser
 

@@ -72,6 +72,14 @@ class WorkerConfig(FederationSettings):
                              "SIGMA times the clip norm")
         return self
 
+    def _missing_keys(self) -> tuple[list[str], str]:
+        missing = [flag for flag, value in (("--signing-key", self.signing_key),
+                                            ("--aggregator-key", self.aggregator_key))
+                   if not value]
+        return missing, ("pass --signing-key DIR/ID.key and --aggregator-key "
+                         "DIR/aggregator.pub (made by `dfl admin add-party ID --keys DIR` and "
+                         "`dfl admin add-aggregator --keys DIR`)")
+
     @property
     def party(self) -> str:
         """The party's id on the wire and in queue names (after ``auto`` was resolved)."""

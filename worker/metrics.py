@@ -27,6 +27,9 @@ class WorkerMetrics(MetricsEndpoint):
                                          registry=r)
         self.model_version = Gauge("dfl_worker_model_version",
                                    "Newest global model version this party has", registry=r)
+        self.ignored = Counter("dfl_worker_ignored_messages",
+                               "Messages on the model queue ignored, by reason", ["reason"],
+                               registry=r)
         self.updates_sent = Counter("dfl_worker_updates_sent",
                                     "Updates the broker confirmed", registry=r)
         self.epsilon = Gauge("dfl_worker_dp_epsilon",

@@ -31,6 +31,7 @@ from messages.allocator import keep_large_buffers
 from messages.broker import Broker, Delivery, connect
 from messages.chunked import chunked
 from messages.codec import SCHEMA_VERSION, decode, encode
+from messages.envelope import check_envelope
 from messages.errors import (
     ConnectionLost,
     FederationError,
@@ -453,13 +454,26 @@ class Worker(BackgroundService):
             self.metrics.model_version.set(model.version)
 
     def _on_model(self, d: Delivery) -> None:
+        """The boundary of the model queue: whatever arrives and whatever handling it raises,
+        the message is taken or ignored (logged and counted), and the worker keeps going.
+        The queue is auto-acked and holds one message, so ignoring loses nothing newer."""
         try:
-            if self._trust is not None:  # holds the aggregator's key alone
-                self._trust.verify(d.body, d.headers)
-            msg = decode(d.body, self.config.max_message_bytes)
+            self._handle_model(d)
         except InvalidMessage as exc:
             log.warning("party %s: ignored a bad model message: %s", self.config.party, exc)
-            return
+            self.metrics.ignored.labels(exc.reason).inc()
+        except FederationError:
+            raise  # the broker went away, or the worker must stop: not this message's doing
+        except Exception:  # a bug of ours that this message triggered
+            log.exception("party %s: internal error on a model message (ignored)",
+                          self.config.party)
+            self.metrics.ignored.labels("internal-error").inc()
+
+    def _handle_model(self, d: Delivery) -> None:
+        check_envelope(d)
+        if self._trust is not None:  # holds the aggregator's key alone
+            self._trust.verify(d.body, d.headers)
+        msg = decode(d.body, self.config.max_message_bytes)
         if isinstance(msg, Query) and msg.what == "rejoin":
             self._rejoin = True
         elif isinstance(msg, Stop):
