@@ -80,7 +80,12 @@ def status_table(data: dict[str, Any]) -> str:
             row.append(p.get("epsilon"))
     table = tabulate(rows, headers=headers)
     dead = ", ".join(f"{k}: {v}" for k, v in data["dead_lettered"].items()) or "none"
-    return f"{head}\n\n{table}\n\ndead-lettered: {dead}; duplicates dropped: {data['duplicates']}"
+    in_dead = data.get("dead_queue")
+    queue = "" if in_dead is None else (
+        f"\nF.dead holds {in_dead} messages (with reason records and those the broker "
+        "dead-lettered at the delivery limit): dfl dead list")
+    return (f"{head}\n\n{table}\n\ndead-lettered: {dead}; duplicates dropped: "
+            f"{data['duplicates']}{queue}")
 
 
 def status_main(argv: list[str] | None = None) -> int:

@@ -36,14 +36,15 @@ def delta(value: float) -> dict[str, np.ndarray]:
 class Client:
     """Plays one or more parties against the aggregator."""
 
-    def __init__(self, url: str, topology: Topology) -> None:
+    def __init__(self, url: str, topology: Topology, *, collect_dead: bool = True) -> None:
         self.b: Broker = connect(url)
         self.t = topology
         topology.declare(self.b)
         self.models: list[Model] = []
         self.broadcasts: list[Message] = []
         self.raw_dead: list[Delivery] = []  # dead letters and their reason records
-        self.b.consume(topology.dead, self._on_dead)
+        if collect_dead:
+            self.b.consume(topology.dead, self._on_dead)
 
     def _on_dead(self, d: Delivery) -> None:
         self.raw_dead.append(d)

@@ -61,6 +61,8 @@ AGGREGATOR_METRICS = {
     "dfl_updates_applied_total": "counter",
     "dfl_updates_rejected_total": "counter",
     "dfl_updates_duplicate_total": "counter",
+    "dfl_internal_errors_total": "counter",
+    "dfl_dead_queue_depth": "gauge",
     "dfl_update_staleness": "histogram",
     "dfl_apply_seconds": "histogram",
     "dfl_model_version": "gauge",
@@ -75,6 +77,7 @@ WORKER_METRICS = {
     "dfl_worker_publish_seconds": "histogram",
     "dfl_worker_model_version": "gauge",
     "dfl_worker_updates_sent_total": "counter",
+    "dfl_worker_ignored_messages_total": "counter",
     "dfl_worker_dp_epsilon": "gauge",
 }
 METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS}
