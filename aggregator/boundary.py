@@ -24,9 +24,9 @@ import logging
 from collections.abc import Callable
 
 from aggregator.outcomes import DeliveryEvent, Ending
-from messages.broker import Delivery
-from messages.deadletter import INTERNAL_ERROR
 from messages.errors import BrokerError, InvalidMessage, StateError
+from messages.transport.broker import Delivery
+from messages.wire.deadletters import INTERNAL_ERROR
 
 log = logging.getLogger("dfl.aggregator")
 

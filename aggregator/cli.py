@@ -8,7 +8,7 @@ import sys
 from aggregator.config import AggregatorConfig
 from aggregator.staleness import STALENESS_FUNCTIONS
 from aggregator.strategies import AGGREGATIONS, STRATEGIES
-from messages.cli import (
+from messages.daemon.cli import (
     Formatter,
     Parser,
     add_common_options,

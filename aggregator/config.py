@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from messages.settings import FederationSettings
-from messages.topology import DEFAULT_DELIVERY_LIMIT
+from messages.daemon.settings import FederationSettings
+from messages.transport.topology import DEFAULT_DELIVERY_LIMIT
 from messages.types import Settings
 
 

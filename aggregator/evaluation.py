@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from messages.daemon.plugins import build_model, load_dataset
 from messages.errors import FederationError
-from messages.plugins import build_model, load_dataset
 from messages.types import NDArrays, Tensors
 
 log = logging.getLogger(__name__)

@@ -36,17 +36,21 @@ from aggregator.report import Status, status_report
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
 from aggregator.validation import check_update
-from messages.allocator import keep_large_buffers
-from messages.bounds import MAX_INCARNATION, SEQ_RANGE
-from messages.broker import Broker, Delivery, connect
-from messages.chunked import ChunkedBroker, chunked
-from messages.chunking import model_size_bound
-from messages.codec import decode, encode
-from messages.envelope import check_envelope
+from messages.daemon.allocator import keep_large_buffers
+from messages.daemon.plugins import build_model
 from messages.errors import ConfigError, FederationError, InvalidMessage, StateError
-from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Update, Welcome
-from messages.plugins import build_model
-from messages.signing import (
+from messages.transport.broker import Broker, Delivery
+from messages.transport.chunked import ChunkedBroker, chunked
+from messages.transport.connect import connect
+from messages.transport.envelope import check_envelope
+from messages.transport.supervisor import BackgroundService, supervise
+from messages.transport.topology import Topology
+from messages.types import NDArrays, Tensors, TensorSpec, spec_of
+from messages.wire.bounds import MAX_INCARNATION, SEQ_RANGE
+from messages.wire.chunks import model_size_bound
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Update, Welcome
+from messages.wire.signing import (
     AGGREGATOR,
     SIGNATURE_HEADER,
     SIGNER_HEADER,
@@ -56,9 +60,6 @@ from messages.signing import (
     load_keyring,
     load_signer,
 )
-from messages.supervisor import BackgroundService, supervise
-from messages.topology import Topology
-from messages.types import NDArrays, Tensors, TensorSpec, spec_of
 
 log = logging.getLogger("dfl.aggregator")
 CRASH_HOOK = "DFL_TEST_CRASH_PARTY"
@@ -667,7 +668,7 @@ class Aggregator(BackgroundService):
         return (self._keyring or ring).verify(d.body, d.headers)
 
     def _dead_letter(self, d: Delivery, reason: str, detail: str) -> None:
-        """To ``F.dead`` byte for byte, its reason beside it (``messages.deadletter``)."""
+        """To ``F.dead`` byte for byte, its reason beside it (``messages.wire.deadletters``)."""
         assert self._broker is not None
         self.topology.dead_letter(self._broker, d, reason, detail)
 

@@ -12,10 +12,10 @@ from collections.abc import Container, Mapping
 
 import numpy as np
 
-from messages.bounds import SEQ_AHEAD, SEQ_RANGE
 from messages.errors import InvalidMessage
-from messages.kinds import Message, Update
 from messages.types import NDArray, TensorSpec
+from messages.wire.bounds import SEQ_AHEAD, SEQ_RANGE
+from messages.wire.kinds import Message, Update
 
 
 def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, version: int,

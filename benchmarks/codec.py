@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from messages.allocator import keep_large_buffers
-from messages.codec import decode, encode
-from messages.kinds import Update
+from messages.daemon.allocator import keep_large_buffers
 from messages.types import Tensors
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Update
 
 CNN_SHAPES = [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (9216, 128), (128,), (128, 10), (10,)]
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
           f"numpy {np.__version__}; GB/s of tensor bytes, best of {ns.repeat}")
     header = (f"{'params':>8} {'MB':>7} {'codec':>7} {'memcpy':>7} {'pickle5':>8} {'np.save':>8}"
               f"  {'x memcpy':>8} {'x pickle':>8} {'x np.save':>9}")
-    # First with glibc's default malloc, then as the daemons run (messages.allocator): the
+    # First with glibc's default malloc, then as the daemons run (messages.daemon.allocator): the
     # tuning cannot be undone in a process, so the default comes first.
     for tuned in (False, True):
         if tuned and not keep_large_buffers():

@@ -1,7 +1,7 @@
 """One large model's update end to end in chunks, against raw pika moving the same chunks.
 
 A 50M-parameter float32 delta is 200 MB: over RabbitMQ 4's 16 MiB and 3.x's 128 MiB
-max_message_size, so it only travels in chunks (``messages.chunking``). For each size, in
+max_message_size, so it only travels in chunks (``messages.wire.chunks``). For each size, in
 one run, best of ``--repeat`` (by end-to-end time):
 
 - chunked, the framework's path: a publisher process encodes one ``Update``, cuts it into
@@ -39,12 +39,13 @@ from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, FedAsync
 from aggregator.validation import check_update
 from benchmarks.codec import tensors_of
-from messages.broker import Broker, Delivery, connect
-from messages.chunked import ChunkedBroker
-from messages.chunking import chunk_count, split
-from messages.codec import decode, encode
-from messages.kinds import Update
+from messages.transport.broker import Broker, Delivery
+from messages.transport.chunked import ChunkedBroker
+from messages.transport.connect import connect
 from messages.types import spec_of
+from messages.wire.chunks import chunk_count, split
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Update
 
 MIB = 1024 * 1024
 

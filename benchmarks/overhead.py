@@ -46,9 +46,10 @@ from tabulate import tabulate
 
 import worker.service
 from aggregator import Aggregator, AggregatorConfig
-from messages.broker import Broker, connect
-from messages.kinds import Message, Update
+from messages.transport.broker import Broker
+from messages.transport.connect import connect
 from messages.types import NDArrays
+from messages.wire.kinds import Message, Update
 from worker import Worker, WorkerConfig
 
 if TYPE_CHECKING:

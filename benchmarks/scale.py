@@ -70,12 +70,13 @@ from typing import Any
 import numpy as np
 from tabulate import tabulate
 
-from messages.broker import Broker, Delivery, connect
-from messages.codec import decode, encode
 from messages.errors import FederationError, InvalidMessage, RpcTimeout
-from messages.kinds import Heartbeat, Join, Leave, Model, Query, Report, Update, Welcome
-from messages.topology import REASON_HEADER, Topology
+from messages.transport.broker import Broker, Delivery
+from messages.transport.connect import connect
+from messages.transport.topology import REASON_HEADER, Topology
 from messages.types import Tensors, TensorSpec
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Heartbeat, Join, Leave, Model, Query, Report, Update, Welcome
 
 CNN_SPEC: TensorSpec = (
     ("mnist_cnn/conv1/kernel", "float32", (3, 3, 1, 32)),
@@ -102,7 +103,7 @@ HEARTBEAT_SECONDS = 5.0
 def spec_from_plugin(plugin: str) -> TensorSpec:
     """The tensors of a Keras model plug-in, built once in a throwaway subprocess so that
     TensorFlow never enters the benchmark's processes (it would take 540 MiB and seconds)."""
-    code = ("import json, sys\nfrom messages.plugins import build_model\n"
+    code = ("import json, sys\nfrom messages.daemon.plugins import build_model\n"
             "m = build_model(sys.argv[1], 0)\n"
             "print(json.dumps([[w.path, str(w.dtype), list(w.shape)] for w in m.weights]))")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from aggregator import Aggregator, AggregatorConfig
 from benchmarks.codec import tensors_of
 from benchmarks.scale import ProcessProbe, broker_pid
-from messages.broker import Delivery, connect
-from messages.codec import decode, encode
-from messages.kinds import Join, Update, Welcome
-from messages.topology import Topology
+from messages.transport.broker import Delivery
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Join, Update, Welcome
 
 
 def publish(url: str, queue: str, bodies: list[bytes]) -> None:
@@ -209,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STAGES = {  # (file suffix, function) -> stage; cumulative time per stage
-    ("messages/codec.py", "decode"): "decode",
+    ("messages/wire/codec.py", "decode"): "decode",
     ("aggregator/validation.py", "check_update"): "validate",
     ("aggregator/strategies.py", "offer"): "apply",
     ("aggregator/service.py", "_broadcast"): "broadcast",
     ("aggregator/service.py", "_commit"): "checkpoint + ack",
-    ("messages/rabbitmq.py", "process_events"): "broker I/O (all handlers inside)",
-    ("messages/memory.py", "process_events"): "broker I/O (all handlers inside)",
+    ("messages/transport/rabbitmq.py", "process_events"): "broker I/O (all handlers inside)",
+    ("messages/transport/memory.py", "process_events"): "broker I/O (all handlers inside)",
 }
 
 

@@ -151,7 +151,7 @@ def run_centralized(data_dir: str | None, seconds: float, seed: int) -> dict[str
     """Keras fit of the same CNN on all 60k images, evaluated every 1/8 epoch."""
     import keras
 
-    from messages.plugins import build_model, load_dataset
+    from messages.daemon.plugins import build_model, load_dataset
 
     data = load_dataset("worker.data:load_mnist", data_dir)
     model = build_model("worker.models:mnist_cnn", seed)

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from messages.broker import mask_url
-from messages.cli import Formatter, Parser, fail
+from messages.daemon.cli import Formatter, Parser, fail
 from messages.errors import ConfigError, FederationError
-from messages.signing import AGGREGATOR, make_ed25519, make_hmac_secret
-from messages.topology import Topology, check_name
+from messages.transport.broker import mask_url
+from messages.transport.topology import Topology, check_name
+from messages.wire.signing import AGGREGATOR, make_ed25519, make_hmac_secret
 
 DESCRIPTION = """\
 Create (or remove) the broker users of a federation and the keys its messages are signed

@@ -8,7 +8,7 @@ from pathlib import Path
 from aggregator import AggregatorConfig
 from aggregator import cli as aggregator_cli
 from deploy import admin, dead, plot, remote
-from messages.cli import (
+from messages.daemon.cli import (
     Formatter,
     Parser,
     add_common_options,

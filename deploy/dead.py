@@ -1,7 +1,7 @@
 """``dfl dead``: list, replay or purge the dead letters of a federation (``F.dead``).
 
 ``F.dead`` holds every rejected message byte for byte and, beside each, a reason record
-(``messages.deadletter``). This command reads the queue the one way that neither loses nor
+(``messages.wire.deadletters``). This command reads the queue the one way that neither loses nor
 reorders anything: a consumer with manual acks and a prefetch of the queue's depth at start
 takes every message (records included) and acknowledges none, so closing the connection gives
 them all back in their order. ``list`` stops there; ``replay`` and ``purge`` first ack the
@@ -34,9 +34,12 @@ from typing import Any
 from tabulate import tabulate
 
 from deploy.remote import add_target_options
-from messages.broker import Broker, Delivery, connect, mask_url
-from messages.cli import Formatter, Parser, fail
-from messages.deadletter import (
+from messages.daemon.cli import Formatter, Parser, fail
+from messages.errors import FederationError
+from messages.transport.broker import Broker, Delivery, mask_url
+from messages.transport.connect import connect
+from messages.transport.topology import Topology, check_name
+from messages.wire.deadletters import (
     DELIVERY_LIMIT,
     ENVELOPE_ERROR_HEADER,
     RECORD_HEADER,
@@ -46,8 +49,6 @@ from messages.deadletter import (
     key_of,
     party_of,
 )
-from messages.errors import FederationError
-from messages.topology import Topology, check_name
 
 DESCRIPTION = """\
 List, replay or purge the dead-lettered messages of a federation (the F.dead queue): every
@@ -145,7 +146,7 @@ def _bare(d: Delivery) -> Delivery:
 
 
 def _resolve(d: Dead, records: Mapping[str, Record]) -> None:
-    """Give ``d`` its record's reason, as ``messages.deadletter.read_dead`` pairs them: a
+    """Give ``d`` its record's reason, as ``messages.wire.deadletters.read_dead`` pairs them: a
     message the broker dead-lettered at its delivery limit keeps the broker's reason."""
     record = records.get(d.key)
     if record is not None and d.broker_reason != DELIVERY_LIMIT:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from messages.cli import Formatter, Parser, fail
+from messages.daemon.cli import Formatter, Parser, fail
 from messages.errors import ConfigError
 
 REQUIRED_KEYS = ("time", "version", "accuracy", "loss", "updates")

@@ -13,14 +13,15 @@ from typing import Any
 
 from tabulate import tabulate
 
-from messages.broker import connect, mask_url
-from messages.chunked import ChunkedBroker
-from messages.cli import Formatter, Parser, fail
-from messages.codec import decode, encode
+from messages.daemon.cli import Formatter, Parser, fail
+from messages.daemon.settings import DEFAULT_AMQP_URL, ENV_PREFIX
 from messages.errors import FederationError, PublishRejected
-from messages.kinds import Message, Model, Query, Report
-from messages.settings import DEFAULT_AMQP_URL, ENV_PREFIX
-from messages.topology import Topology
+from messages.transport.broker import mask_url
+from messages.transport.chunked import ChunkedBroker
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Message, Model, Query, Report
 
 STATUS_DESCRIPTION = """\
 Show a running federation: model version, updates/s, every party (state, last seen,
@@ -113,7 +114,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         answer = ask(ns.broker, ns.federation, "model", ns.timeout)
         assert isinstance(answer, Model)
-        from messages.plugins import build_model
+        from messages.daemon.plugins import build_model
 
         model = build_model(ns.model, 0)
         names = [w.path for w in model.weights]

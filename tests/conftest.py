@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from messages.broker import Broker, connect
 from messages.errors import BrokerError
-from messages.topology import Topology
+from messages.transport.broker import Broker
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
 from tests.processes import Procs
 
 if TYPE_CHECKING:

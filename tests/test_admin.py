@@ -21,11 +21,11 @@ import pytest
 from aggregator import Aggregator, AggregatorConfig
 from deploy.admin import aggregator_user, party_user
 from deploy.remote import status_main
-from messages.broker import connect
-from messages.codec import encode
 from messages.errors import AccessRefused, FederationError
-from messages.kinds import Model
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import encode
+from messages.wire.kinds import Model
 from tests.processes import ENV, dfl
 from worker import Worker, WorkerConfig
 

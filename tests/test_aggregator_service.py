@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
-from messages.broker import Broker, Delivery, connect
-from messages.codec import SCHEMA_VERSION, decode, encode
-from messages.deadletter import DeadLetter, read_dead
-from messages.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
-from messages.topology import Topology
+from messages.transport.broker import Broker, Delivery
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import SCHEMA_VERSION, decode, encode
+from messages.wire.deadletters import DeadLetter, read_dead
+from messages.wire.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
 
 SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,)}
 

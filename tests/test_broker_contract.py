@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from messages.broker import Broker, Delivery
-from messages.deadletter import RECORD_HEADER, read_dead
 from messages.errors import AccessRefused, PublishRejected, RpcTimeout
+from messages.transport.broker import Broker, Delivery
+from messages.wire.deadletters import RECORD_HEADER, read_dead
 from tests.conftest import Brokers
 
 
@@ -166,7 +166,7 @@ def test_a_max_length_one_drop_head_queue_keeps_only_the_newest(brokers: Brokers
 
 
 def test_a_full_reject_publish_queue_refuses_the_publish(brokers: Brokers) -> None:
-    from messages.topology import Topology
+    from messages.transport.topology import Topology
 
     t = Topology(brokers.topology.federation, updates_max_length=2)
     b = brokers.open()

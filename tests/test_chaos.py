@@ -30,11 +30,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from messages.broker import connect
-from messages.codec import decode
 from messages.errors import InvalidMessage
-from messages.kinds import Model, Update
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import decode
+from messages.wire.kinds import Model, Update
 from tests.processes import Procs
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]

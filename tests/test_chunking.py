@@ -25,9 +25,12 @@ import numpy as np
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
-from messages.broker import Broker, Delivery, check_broker_url, connect
-from messages.chunked import ChunkedBroker
-from messages.chunking import (
+from messages.errors import AccessRefused, ConfigError, PublishRejected
+from messages.transport.broker import Broker, Delivery, check_broker_url
+from messages.transport.chunked import ChunkedBroker
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.chunks import (
     CHUNK_COUNT,
     CHUNK_FROM,
     CHUNK_ID,
@@ -39,12 +42,10 @@ from messages.chunking import (
     model_size_bound,
     split,
 )
-from messages.codec import decode, encode
-from messages.deadletter import RECORD_HEADER, read_dead
-from messages.errors import AccessRefused, ConfigError, PublishRejected
-from messages.kinds import Join, Model, Query, Update, Welcome
-from messages.signing import SIGNATURE_HEADER, load_signer, make_ed25519
-from messages.topology import Topology
+from messages.wire.codec import decode, encode
+from messages.wire.deadletters import RECORD_HEADER, read_dead
+from messages.wire.kinds import Join, Model, Query, Update, Welcome
+from messages.wire.signing import SIGNATURE_HEADER, load_signer, make_ed25519
 from tests.conftest import Brokers
 
 LIMIT = 1000
@@ -346,7 +347,7 @@ class Party:
         self.t = topology
         topology.declare(self.b)
         self.dead: list[Delivery] = []  # raw: one per dead-lettered chunk
-        self.records: list[Delivery] = []  # their reasons (messages.deadletter)
+        self.records: list[Delivery] = []  # their reasons (messages.wire.deadletters)
         self.broadcasts: list[Model] = []
         self.b.inner.consume(topology.dead, self._on_dead)
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from messages import bounds
-from messages.codec import SCHEMA_VERSION, decode, encode
 from messages.errors import InvalidMessage
-from messages.kinds import KINDS, Heartbeat, Join, Leave, Message, Model, Stop, Update, Welcome
 from messages.types import Settings, Tensors
+from messages.wire import bounds
+from messages.wire.codec import SCHEMA_VERSION, decode, encode
+from messages.wire.kinds import KINDS, Heartbeat, Join, Leave, Message, Model, Stop, Update, Welcome
 
 RNG = np.random.default_rng(0)
 
@@ -198,7 +198,7 @@ def test_huge_finite_values_are_not_taken_for_infinite() -> None:
 
 
 # -- bounds: every integer, string, float and collection a message carries -------------------
-# (messages.bounds says why each bound; here each is probed just inside and just outside)
+# (messages.wire.bounds says why each bound; here each is probed just inside and just outside)
 
 W = ["w", "float32", [2], np.ones(2, np.float32).tobytes()]
 BASE: dict[str, dict[str, Any]] = {
@@ -455,7 +455,7 @@ class Unbounded:
 
 
 def test_field_types_are_resolved_not_compared_as_annotation_strings() -> None:
-    from messages.codec import _spec_of
+    from messages.wire.codec import _spec_of
 
     spec = {f.name: f for f in _spec_of(Renamed)}  # type: ignore[arg-type]
     assert spec["tensors"].tensors and not spec["version"].tensors

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from messages.codec import SCHEMA_VERSION, decode, encode
-from messages.compression import ENCODINGS, MAX_SCALE, Packed, pack, topk_count, unpack
 from messages.errors import ConfigError, InvalidMessage
-from messages.kinds import Update
+from messages.wire.codec import SCHEMA_VERSION, decode, encode
+from messages.wire.compression import ENCODINGS, MAX_SCALE, Packed, pack, topk_count, unpack
+from messages.wire.kinds import Update
 from worker.compression import DeltaCompressor
 from worker.config import WorkerConfig
 
@@ -330,7 +330,7 @@ def test_bad_encoding_options_are_refused_at_construction() -> None:
 def test_the_encoding_options_reach_the_worker_config_from_both_commands(
         capsys: pytest.CaptureFixture[str]) -> None:
     from deploy import cli as deploy_cli
-    from messages.cli import flags_for
+    from messages.daemon.cli import flags_for
     from worker.cli import build_parser
 
     ns = build_parser().parse_args(["--encoding", "topk", "--topk-fraction", "0.05"])

@@ -21,8 +21,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from deploy import dead
-from messages.broker import Broker, Delivery
-from messages.deadletter import RECORD_HEADER
+from messages.transport.broker import Broker, Delivery
+from messages.wire.deadletters import RECORD_HEADER
 from tests.conftest import Brokers
 from tests.processes import ENV, dfl
 

@@ -10,9 +10,9 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messages.codec import SCHEMA_VERSION, decode, encode
 from messages.errors import InvalidMessage
-from messages.kinds import KINDS
+from messages.wire.codec import SCHEMA_VERSION, decode, encode
+from messages.wire.kinds import KINDS
 
 # 10,000 examples in CI (the issue's bar); fewer locally keeps the loop fast.
 EXAMPLES = 10_000 if os.environ.get("CI") else 1_000
@@ -68,8 +68,8 @@ def test_maps_that_look_like_messages_only_raise_invalid_message(
 def reference_decode(body: bytes) -> object:
     """What ``decode`` must agree with: msgpack's own parser (which copies every bin) and
     the same checks, without the copy-free walk over the tensors."""
-    from messages.codec import KINDS as CODEC_KINDS
-    from messages.codec import _build, _check_version, _classify
+    from messages.wire.codec import KINDS as CODEC_KINDS
+    from messages.wire.codec import _build, _check_version, _classify
 
     try:
         raw = _classify(body, 1 << 20)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from messages.broker import connect
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
 from tests.processes import ENV, Procs, dfl
 from tests.test_end_to_end import TINY, evaluations
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from messages.broker import connect
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
 from tests.processes import Procs
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]

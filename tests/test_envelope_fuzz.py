@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 
 from aggregator import Aggregator, AggregatorConfig
 from aggregator.outcomes import DeliveryEvent, Ending
-from messages.broker import connect
-from messages.chunking import split
-from messages.codec import encode
-from messages.kinds import Heartbeat, Leave, Query, Update
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.chunks import split
+from messages.wire.codec import encode
+from messages.wire.kinds import Heartbeat, Leave, Query, Update
 from tests import amqp_raw as raw
 from tests.test_aggregator_service import Client, delta
 

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
-from messages.broker import connect
-from messages.codec import encode
 from messages.errors import PublishRejected
-from messages.kinds import Heartbeat
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import encode
+from messages.wire.kinds import Heartbeat
 from worker import Worker, WorkerConfig
 
 TINY = {"model": "worker.models:tiny_cnn", "data": "worker.data:load_synthetic"}

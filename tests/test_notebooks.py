@@ -18,8 +18,8 @@ from typing import Any
 import nbformat
 import pytest
 
-from messages.broker import connect
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOKS = ("aggregator.ipynb", "party.ipynb", "single_machine.ipynb")

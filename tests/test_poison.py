@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from aggregator.service import CRASH_HOOK
-from messages.broker import connect
-from messages.chunking import (
+from messages.errors import FederationError
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.chunks import (
     CHUNK_COUNT,
     CHUNK_FROM,
     CHUNK_ID,
@@ -28,10 +30,8 @@ from messages.chunking import (
     CHUNK_SHA256,
     CHUNK_TOTAL,
 )
-from messages.codec import encode
-from messages.errors import FederationError
-from messages.kinds import Update
-from messages.topology import Topology
+from messages.wire.codec import encode
+from messages.wire.kinds import Update
 from tests.processes import Procs
 from tests.test_aggregator_service import SHAPES, Client, body, delta
 

@@ -54,7 +54,7 @@ def test_a_federation_runs_from_python_and_returns_a_keras_model(strategy: str) 
 
 
 def test_a_saved_model_is_the_starting_point_of_a_new_federation(tmp_path: Path) -> None:
-    from messages.plugins import build_model
+    from messages.daemon.plugins import build_model
 
     saved = build_model(TINY["model"], seed=7)
     saved.set_weights([np.full(w.shape, 0.125, w.dtype) for w in saved.get_weights()])

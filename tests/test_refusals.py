@@ -8,8 +8,8 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
-from messages.broker import connect
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
 from tests.processes import ENV, dfl
 
 pytestmark = pytest.mark.rabbitmq

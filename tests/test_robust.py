@@ -33,7 +33,7 @@ from aggregator.strategies import (
     Strategy,
     make_strategy,
 )
-from messages.cli import flags_for
+from messages.daemon.cli import flags_for
 from messages.errors import ConfigError
 from messages.types import NDArrays
 

@@ -18,9 +18,9 @@ import pytest
 
 from aggregator.cli import build_parser as aggregator_parser
 from aggregator.config import AggregatorConfig
-from messages.cli import flags_for, warn_if_insecure
+from messages.daemon.cli import flags_for, warn_if_insecure
+from messages.daemon.settings import remote_broker_host
 from messages.errors import ConfigError
-from messages.settings import remote_broker_host
 from tests.processes import ENV, dfl
 from worker.cli import build_parser as worker_parser
 from worker.config import WorkerConfig

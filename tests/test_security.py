@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from aggregator import Aggregator
-from messages.broker import Delivery
-from messages.codec import decode, encode
 from messages.errors import ConfigError, FederationError, InvalidMessage
-from messages.kinds import Heartbeat, Join, Model, Query, Report, Update
-from messages.signing import (
+from messages.transport.broker import Delivery
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Heartbeat, Join, Model, Query, Report, Update
+from messages.wire.signing import (
     AGGREGATOR,
     SIGNATURE_HEADER,
     Signer,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from messages.errors import AccessRefused, ConnectionLost
-from messages.supervisor import supervise
+from messages.transport.supervisor import supervise
 
 
 def test_lost_connections_are_retried_with_growing_capped_waits() -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
-from messages.broker import check_broker_url, connect
 from messages.errors import ConfigError, TLSRefused
-from messages.tls import TLSOptions, explain, probe, split_url
+from messages.transport.broker import check_broker_url
+from messages.transport.connect import connect
+from messages.transport.tls import TLSOptions, explain, probe, split_url
 from tests.processes import ENV, dfl
 from tests.tls_node import TLSNode, free_port, issue, make_ca
 from worker import Worker, WorkerConfig

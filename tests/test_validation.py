@@ -7,7 +7,7 @@ import pytest
 
 from aggregator.validation import check_update
 from messages.errors import InvalidMessage
-from messages.kinds import Update
+from messages.wire.kinds import Update
 
 SPEC = [("w", "float32", (1000,))]
 

@@ -7,10 +7,10 @@ import uuid
 
 import numpy as np
 
-from messages.broker import connect
-from messages.codec import decode, encode
-from messages.kinds import Join, Model, Update, Welcome
-from messages.topology import Topology
+from messages.transport.connect import connect
+from messages.transport.topology import Topology
+from messages.wire.codec import decode, encode
+from messages.wire.kinds import Join, Model, Update, Welcome
 from worker import Worker, WorkerConfig
 
 TINY = {"model": "worker.models:tiny_cnn", "data": "worker.data:load_synthetic"}

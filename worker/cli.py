@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from messages.cli import (
+from messages.daemon.cli import (
     Formatter,
     Parser,
     add_common_options,
@@ -14,7 +14,7 @@ from messages.cli import (
     bind_settings,
     run_daemon,
 )
-from messages.compression import ENCODINGS
+from messages.wire.compression import ENCODINGS
 from worker.config import WorkerConfig
 from worker.partition import SCHEMES
 from worker.service import Worker

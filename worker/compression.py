@@ -17,9 +17,9 @@ import logging
 
 import numpy as np
 
-from messages.compression import DEFAULT_TOPK_FRACTION, ENCODINGS, Packed, pack
 from messages.errors import ConfigError
 from messages.types import NDArray, Tensors
+from messages.wire.compression import DEFAULT_TOPK_FRACTION, ENCODINGS, Packed, pack
 
 log = logging.getLogger("dfl.worker")
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from messages.compression import DEFAULT_TOPK_FRACTION, Encoding
-from messages.settings import FederationSettings
+from messages.daemon.settings import FederationSettings
+from messages.wire.compression import DEFAULT_TOPK_FRACTION, Encoding
 
 
 def ordinal_from_hostname(hostname: str | None = None) -> int:
@@ -42,7 +42,8 @@ class WorkerConfig(FederationSettings):
     dp_clip: float | None = Field(default=None, gt=0)
     dp_noise: float = Field(default=0.0, ge=0)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
-    # how the deltas travel (messages/compression.py), with error feedback (worker/compression.py)
+    # how the deltas travel (messages/wire/compression.py), with error feedback
+    # (worker/compression.py)
     encoding: Encoding = "float32"
     topk_fraction: float = Field(default=DEFAULT_TOPK_FRACTION, gt=0, le=1)
     # authenticity: this party's signing key, and the aggregator's public key

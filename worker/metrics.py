@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from messages.metrics import MetricsEndpoint
+from messages.daemon.metrics import MetricsEndpoint
 
 
 class WorkerMetrics(MetricsEndpoint):

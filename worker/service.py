@@ -27,11 +27,8 @@ from typing import TYPE_CHECKING
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
-from messages.allocator import keep_large_buffers
-from messages.broker import Broker, Delivery, connect
-from messages.chunked import chunked
-from messages.codec import SCHEMA_VERSION, decode, encode
-from messages.envelope import check_envelope
+from messages.daemon.allocator import keep_large_buffers
+from messages.daemon.plugins import load_dataset
 from messages.errors import (
     ConnectionLost,
     FederationError,
@@ -40,12 +37,16 @@ from messages.errors import (
     ResourceLocked,
     RpcTimeout,
 )
-from messages.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
-from messages.plugins import load_dataset
-from messages.signing import Keyring, Signer, aggregator_keyring, load_signer
-from messages.supervisor import BackgroundService, supervise
-from messages.topology import Topology
+from messages.transport.broker import Broker, Delivery
+from messages.transport.chunked import chunked
+from messages.transport.connect import connect
+from messages.transport.envelope import check_envelope
+from messages.transport.supervisor import BackgroundService, supervise
+from messages.transport.topology import Topology
 from messages.types import NDArrays, Settings
+from messages.wire.codec import SCHEMA_VERSION, decode, encode
+from messages.wire.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
+from messages.wire.signing import Keyring, Signer, aggregator_keyring, load_signer
 from worker.compression import DeltaCompressor
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics

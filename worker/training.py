@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from messages.plugins import build_model
+from messages.daemon.plugins import build_model
 from messages.types import NDArray, NDArrays, Tensors
 
 

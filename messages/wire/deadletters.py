@@ -36,22 +36,18 @@ dead-lettered on its own (the delivery limit: ``x-death`` reason ``delivery_limi
 record; ``read_dead`` reports the broker's reason for them. ``dfl dead`` lists, replays and
 purges ``F.dead`` through ``read_dead``.
 
-This module is pure apart from ``dead_letter``, which needs a broker.
+This module is pure: ``messages.transport.topology.dead_letter`` does the publishing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
-
-if TYPE_CHECKING:
-    from messages.broker import Broker, Delivery
 
 RECORD_HEADER = "x-dfl-dead-record"
 """Marks a reason record in ``F.dead`` (its value is the record format, 1)."""
@@ -59,7 +55,7 @@ COPY_HEADER = "x-dfl-dead-copy"
 """Marks a body copied to ``F.dead`` without its envelope (see the module docstring)."""
 ENVELOPE_ERROR_HEADER = "x-dfl-envelope-error"
 """Put on a delivery by the transport when the broker's envelope could not be decoded."""
-CHUNK_ID_HEADER = "x-dfl-chunk-id"  # the same name messages.chunking gives the set id
+CHUNK_ID_HEADER = "x-dfl-chunk-id"  # the same name messages.wire.chunks gives the set id
 MAX_DETAIL = 500
 """Characters of an error's detail kept in a record (the detail may quote the message)."""
 MAX_FIELD = 128
@@ -155,30 +151,6 @@ def broker_may_dead_letter(headers: Mapping[Any, Any]) -> bool:
     """Whether the broker can dead-letter a message with these headers without harm: they
     were decoded, and they hold no ``x-death`` of the sender's (see the module docstring)."""
     return not any(k in headers for k in (ENVELOPE_ERROR_HEADER, "x-death", b"x-death"))
-
-
-def dead_letter(broker: Broker, exchange: str, delivery: Delivery, reason: str,
-                detail: str = "", party: str = "") -> None:
-    """Publish the reason record to ``exchange`` (``F.dead``), then reject ``delivery`` (every
-    chunk of it) so that the broker dead-letters the original bytes; or, for an envelope the
-    broker cannot dead-letter safely, copy the body and ack. See the module docstring.
-    """
-    now = time.time()
-    if not all(broker_may_dead_letter(p.headers) for p in (delivery.parts or (delivery,))):
-        record = Record(hashlib.sha256(delivery.body).hexdigest(), reason, detail,
-                        party or party_of(delivery.headers), delivery.queue, now)
-        broker.publish(exchange, "", encode_record(record), headers={RECORD_HEADER: 1})
-        broker.publish(exchange, "", delivery.body, headers={COPY_HEADER: 1})
-        broker.ack(delivery)
-        return
-    keys = dict.fromkeys(key_of(p.body, p.headers) if p.body or not delivery.parts
-                         else key_of(delivery.body, p.headers)
-                         for p in (delivery.parts or (delivery,)))
-    for key in keys:
-        body = encode_record(Record(key, reason, detail, party or party_of(delivery.headers),
-                                    delivery.queue, now))
-        broker.publish(exchange, "", body, headers={RECORD_HEADER: 1})
-    broker.nack(delivery, requeue=False)
 
 
 def broker_reason(headers: Mapping[str, Any]) -> tuple[str, str, int, float | None]:

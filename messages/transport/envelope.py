@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 
-from messages.broker import Delivery
-from messages.deadletter import ENVELOPE_ERROR_HEADER, broker_may_dead_letter
 from messages.errors import InvalidMessage
+from messages.transport.broker import Delivery
+from messages.wire.deadletters import ENVELOPE_ERROR_HEADER, broker_may_dead_letter
 
 _REPLY_TO = re.compile(r"^[A-Za-z0-9_.:=+/@-]{1,255}$")
 _CORRELATION_ID = re.compile(r"^[\x21-\x7e]{1,255}$")

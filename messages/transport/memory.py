@@ -6,7 +6,7 @@ connection closes, dead-lettering (``x-dead-letter-exchange``, with an ``x-death
 RabbitMQ writes it), ``x-max-length`` with ``drop-head`` or ``reject-publish`` overflow, and,
 with ``memory://name?max_message_bytes=N``, a refusal of bodies over N bytes (RabbitMQ's
 ``max_message_size``: 16 MiB by default on 4.x), so tests prove that big messages are
-chunked (``messages.chunking``) before they reach the broker. It is the embedded broker of a
+chunked (``messages.wire.chunks``) before they reach the broker. It is the embedded broker of a
 one-machine run, and the contract tests hold it to the same assertions as RabbitMQ.
 
 Every ``MemoryBroker`` is one connection to a named in-process server (``memory://`` or
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from messages.broker import Broker, Delivery, Handler, check_headers
 from messages.errors import (
     AccessRefused,
     BrokerError,
@@ -33,6 +32,7 @@ from messages.errors import (
     PublishRejected,
     ResourceLocked,
 )
+from messages.transport.broker import Broker, Delivery, Handler, check_headers
 
 
 @dataclass(slots=True)

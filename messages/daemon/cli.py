@@ -3,7 +3,7 @@
 Both ``aggregator`` and ``worker`` import ``messages`` (never each other), so the options
 they have in common are declared once here. Options that are settings carry no argparse
 default: only the flags a user typed reach the settings object, so ``DFL_*`` variables and
-the ``--config`` file fill in the rest (see ``messages.settings``).
+the ``--config`` file fill in the rest (see ``messages.daemon.settings``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from messages.daemon.settings import ENV_PREFIX, DaemonSettings, FederationSettings
 from messages.errors import FederationError
-from messages.settings import ENV_PREFIX, DaemonSettings, FederationSettings
 
 
 class Parser(argparse.ArgumentParser):

@@ -4,7 +4,7 @@ One BlockingConnection with one channel in publisher-confirm mode. pika's errors
 into the project's tree here (``ConnectionLost`` when reconnecting can help, ``AccessRefused``
 when the broker refused on purpose, ``TLSRefused`` when the TLS handshake failed), so callers
 never catch pika types. ``amqps://`` URLs carry their TLS settings as query parameters
-(``messages.tls``), which are taken out before pika sees the URL.
+(``messages.transport.tls``), which are taken out before pika sees the URL.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from urllib.parse import urlparse
 import pika
 import pika.exceptions as pe
 
-from messages import tls
-from messages.broker import Broker, Delivery, Handler, check_broker_url, check_headers, mask_url
-from messages.deadletter import ENVELOPE_ERROR_HEADER
 from messages.errors import (
     AccessRefused,
     BrokerError,
@@ -31,6 +28,16 @@ from messages.errors import (
     ResourceLocked,
     TLSRefused,
 )
+from messages.transport import tls
+from messages.transport.broker import (
+    Broker,
+    Delivery,
+    Handler,
+    check_broker_url,
+    check_headers,
+    mask_url,
+)
+from messages.wire.deadletters import ENVELOPE_ERROR_HEADER
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _pika_decode_properties = pika.spec.BasicProperties.decode
@@ -103,7 +110,7 @@ def _translated(what: str) -> Iterator[None]:
 
 
 class RabbitBroker(Broker):
-    """A connection to RabbitMQ; see ``messages.broker.Broker`` for the semantics."""
+    """A connection to RabbitMQ; see ``messages.transport.broker.Broker`` for the semantics."""
 
     def __init__(self, url: str, *, heartbeat: int | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:

@@ -1,6 +1,6 @@
 """The bound of every integer, string and collection a message may carry.
 
-``messages.codec`` refuses, on the way in, any value outside these bounds, so that nothing
+``messages.wire.codec`` refuses, on the way in, any value outside these bounds, so that nothing
 decoded from the network can later make the aggregator fail or blow up when it encodes what
 it learnt: welcomes (msgpack), checkpoints (msgpack), the status report (JSON), Prometheus
 metric labels and log lines. Each bound says why it has the value it has; they are defined

@@ -13,7 +13,7 @@ Every name is prefixed by the federation id ``F`` so several federations share a
   for a model over ``--max-chunk-bytes``, the announcement of its version: such a model
   would need several chunks, which that queue cannot hold, so parties fetch it by RPC.
 - ``F.dead``     fanout exchange + durable queue holding every rejected message, byte for
-  byte, and beside each a reason record (``messages.deadletter``); bounded (oldest first out).
+  byte, and beside each a reason record (``messages.wire.deadletters``); bounded (oldest first out).
 
 ``F.updates`` and ``F.control`` carry an explicit delivery limit (quorum queues'
 ``x-delivery-limit``; RabbitMQ 3.x has no default): a message that crashed or stalled its
@@ -28,14 +28,24 @@ denied every configure right on shared resources (``permissions``).
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from messages.bounds import PARTY_ID
-from messages.broker import Broker, Delivery
-from messages.deadletter import dead_letter
 from messages.errors import ConfigError
+from messages.transport.broker import Broker, Delivery
+from messages.wire.bounds import PARTY_ID
+from messages.wire.deadletters import (
+    COPY_HEADER,
+    RECORD_HEADER,
+    Record,
+    broker_may_dead_letter,
+    encode_record,
+    key_of,
+    party_of,
+)
 
 QUEUE_TYPES = ("quorum", "classic")
 DEFAULT_DELIVERY_LIMIT = 5
@@ -150,5 +160,29 @@ class Topology:
 
     def dead_letter(self, broker: Broker, delivery: Delivery, reason: str, detail: str = "",
                     party: str = "") -> None:
-        """Dead-letter ``delivery`` to ``F.dead`` with its reason (``messages.deadletter``)."""
+        """Dead-letter ``delivery`` to ``F.dead`` with its reason (see ``dead_letter``)."""
         dead_letter(broker, self.dead, delivery, reason, detail, party)
+
+
+def dead_letter(broker: Broker, exchange: str, delivery: Delivery, reason: str,
+                detail: str = "", party: str = "") -> None:
+    """Publish the reason record to ``exchange`` (``F.dead``), then reject ``delivery`` (every
+    chunk of it) so that the broker dead-letters the original bytes; or, for an envelope the
+    broker cannot dead-letter safely, copy the body and ack. See the module docstring.
+    """
+    now = time.time()
+    if not all(broker_may_dead_letter(p.headers) for p in (delivery.parts or (delivery,))):
+        record = Record(hashlib.sha256(delivery.body).hexdigest(), reason, detail,
+                        party or party_of(delivery.headers), delivery.queue, now)
+        broker.publish(exchange, "", encode_record(record), headers={RECORD_HEADER: 1})
+        broker.publish(exchange, "", delivery.body, headers={COPY_HEADER: 1})
+        broker.ack(delivery)
+        return
+    keys = dict.fromkeys(key_of(p.body, p.headers) if p.body or not delivery.parts
+                         else key_of(delivery.body, p.headers)
+                         for p in (delivery.parts or (delivery,)))
+    for key in keys:
+        body = encode_record(Record(key, reason, detail, party or party_of(delivery.headers),
+                                    delivery.queue, now))
+        broker.publish(exchange, "", body, headers={RECORD_HEADER: 1})
+    broker.nack(delivery, requeue=False)

@@ -21,7 +21,7 @@ This module is pure (no broker): ``split`` plans the chunks of a body, ``Reassem
 collects chunks per id and yields whole bodies, and reports every set it gives up on
 (inconsistent headers, a wrong hash, incomplete for too long, superseded) as ``Discarded``
 with the tokens of its chunks, so the caller can dead-letter and settle each delivery.
-``messages.chunked`` wires both to a broker connection.
+``messages.transport.chunked`` wires both to a broker connection.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from messages.bounds import PARTY_ID
 from messages.errors import InvalidMessage
+from messages.wire.bounds import PARTY_ID
 
 CHUNK_ID = "x-dfl-chunk-id"
 CHUNK_INDEX = "x-dfl-chunk-index"

@@ -5,13 +5,13 @@ as ``[name, dtype, shape, raw little-endian bytes]``; decoding wraps the bytes m
 back with ``np.frombuffer``, so tensor data is not copied again (the arrays are read-only
 views). No pickle anywhere: a message from the network is data, never code. An update whose
 ``encoding`` is float16, int8 or topk carries that encoding's entries instead (see
-``messages.compression``); they are decoded into new dense float32 arrays right here, so
+``messages.wire.compression``); they are decoded into new dense float32 arrays right here, so
 nothing past ``decode`` ever sees a compressed delta. The ``encoding`` field is optional
 (float32), so bodies from before compression existed decode unchanged.
 
 Every problem with a body raises ``InvalidMessage`` with a reason slug that becomes the
 dead-letter header; nothing else escapes ``decode``. Besides types, every value is checked
-against its bound (``messages.bounds``): integers (``out-of-bounds``; ``bad-samples`` for
+against its bound (``messages.wire.bounds``): integers (``out-of-bounds``; ``bad-samples`` for
 sample counts), party ids (``bad-party``), other strings (``bad-text``: too long or not
 printable), floats (``non-finite``), and the entries of maps and lists (``too-many``), so that
 whatever ``decode`` accepts can be re-encoded as msgpack or JSON, used as a metric label and
@@ -33,12 +33,12 @@ from typing import Any, get_type_hints
 import msgpack
 import numpy as np
 
-from messages import bounds, compression
-from messages.bounds import MAX_INT, PARTY_ID
-from messages.compression import Packed
 from messages.errors import InvalidMessage
-from messages.kinds import KINDS, Message, Update
 from messages.types import Document, NDArray, Settings, Tensors
+from messages.wire import bounds, compression
+from messages.wire.bounds import MAX_INT, PARTY_ID
+from messages.wire.compression import Packed
+from messages.wire.kinds import KINDS, Message, Update
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 128 * 1024 * 1024
@@ -50,14 +50,14 @@ ALLOWED_DTYPES: dict[str, np.dtype[Any]] = {
 }
 ENCODINGS = frozenset(compression.ENCODINGS)
 MAX_SAMPLES = bounds.MAX_SAMPLES
-"""Bigger declared sample counts are absurd (kept here for callers; see ``messages.bounds``)."""
+"""Bigger declared sample counts are absurd (kept for callers; see ``messages.wire.bounds``)."""
 
 
 def encode(msg: Message, *, packed: Mapping[str, Packed] | None = None) -> bytes:
     """Serialize a message; tensors are packed from their buffers without an extra copy.
 
     An ``Update`` whose ``encoding`` is not float32 sends its delta in that encoding (see
-    ``messages.compression``): ``packed`` gives the tensors already encoded (a party's
+    ``messages.wire.compression``): ``packed`` gives the tensors already encoded (a party's
     error-feedback compressor does), in which case they travel instead of ``msg.tensors``;
     without it each tensor of ``msg.tensors`` is encoded here with the defaults.
     """
@@ -624,7 +624,7 @@ def _spec_of(cls: type[Message]) -> tuple[_Field, ...]:
             table = _INT_BOUNDS if hint is int else _TEXT_BOUNDS
             check = table.get((cls.KIND, f.name))
             if check is None:
-                raise TypeError(f"{cls.__name__}.{f.name}: no bound in messages.codec")
+                raise TypeError(f"{cls.__name__}.{f.name}: no bound in messages.wire.codec")
         required = (f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING)
         spec.append(_Field(f.name, check, required, hint == Tensors))

@@ -23,16 +23,16 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from messages.broker import check_broker_url, mask_url
-from messages.chunking import (
+from messages.errors import ConfigError
+from messages.transport.broker import check_broker_url, mask_url
+from messages.transport.topology import check_name
+from messages.wire.chunks import (
     DEFAULT_CHUNK_TIMEOUT,
     DEFAULT_MAX_CHUNK_BYTES,
     DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_MAX_PENDING_CHUNKS,
 )
-from messages.codec import DEFAULT_MAX_BYTES
-from messages.errors import ConfigError
-from messages.topology import check_name
+from messages.wire.codec import DEFAULT_MAX_BYTES
 
 ENV_PREFIX = "DFL_"
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -144,11 +144,11 @@ class FederationSettings(DaemonSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     updates_max_length: int | None = Field(default=None, ge=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
-    # bodies over max_chunk_bytes travel in chunks (messages.chunking): keep it under the
+    # bodies over max_chunk_bytes travel in chunks (messages.wire.chunks): keep it under the
     # broker's max_message_size (16 MiB by default on RabbitMQ 4.x)
     max_chunk_bytes: int = Field(default=DEFAULT_MAX_CHUNK_BYTES, ge=1024)
     chunk_timeout: float = Field(default=DEFAULT_CHUNK_TIMEOUT, gt=0)
-    # what a receiver holds of incomplete chunk sets, in all (messages.chunking)
+    # what a receiver holds of incomplete chunk sets, in all (messages.wire.chunks)
     max_pending_chunk_bytes: int = Field(default=DEFAULT_MAX_PENDING_BYTES, ge=1024)
     max_pending_chunks: int = Field(default=DEFAULT_MAX_PENDING_CHUNKS, ge=1)
 

@@ -1,9 +1,10 @@
 """The ``Broker`` interface and how a URL picks an implementation.
 
 Two implementations share these semantics: ``amqp://``/``amqps://`` (RabbitMQ through pika,
-``messages.rabbitmq``) and ``memory://`` (an in-process broker, ``messages.memory``). Both
-give real queues, fanout, manual acks, redelivery of unacked messages, dead-lettering and
-max-length overflow, so the contract tests run the same assertions against both.
+``messages.transport.rabbitmq``) and ``memory://`` (an in-process broker,
+``messages.transport.memory``). Both give real queues, fanout, manual acks, redelivery of
+unacked messages, dead-lettering and max-length overflow, so the contract tests run the same
+assertions against both; ``messages.transport.connect`` picks one by URL.
 
 A broker object is one connection with one channel and, like pika's BlockingConnection, it
 is not thread-safe: one thread calls its methods and runs ``process_events``, which is where
@@ -22,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from messages.errors import ConfigError, RpcTimeout
-from messages.tls import TLS_PARAMS, parse_options, split_url
+from messages.transport.tls import TLS_PARAMS, parse_options, split_url
 
 Headers = dict[str, Any]
 Handler = Callable[["Delivery"], None]
@@ -40,8 +41,8 @@ class Delivery:
     reply_to: str | None = None
     correlation_id: str | None = None
     parts: tuple[Delivery, ...] = ()
-    """For a message reassembled from chunks (``messages.chunked``): the chunk deliveries it
-    stands for. Acking or nacking it settles them."""
+    """For a message reassembled from chunks (``messages.transport.chunked``): the chunk
+    deliveries it stands for. Acking or nacking it settles them."""
 
 
 def check_headers(headers: Mapping[str, Any] | None) -> Headers:
@@ -60,7 +61,7 @@ class Broker(abc.ABC):
 
     def __init__(self) -> None:
         # RPC replies by correlation id, for the calls still waiting (a reply may come in
-        # several parts: see messages.chunked); replies to no waiting call are dropped.
+        # several parts: see messages.transport.chunked); replies to no waiting call are dropped.
         self._replies: dict[str, deque[Delivery]] = {}
 
     # -- topology --------------------------------------------------------------------------
@@ -254,21 +255,3 @@ def check_broker_url(url: str) -> str:
     if scheme == "amqps":
         parse_options(tls)
     return url
-
-
-def connect(url: str, **options: Any) -> Broker:
-    """Open a broker connection for ``url``: ``memory://[name][?max_message_bytes=N]``,
-    ``amqp://`` or ``amqps://``.
-
-    Raises ``ConfigError`` for other schemes, unknown URL parameters or missing TLS files,
-    ``ConnectionLost`` when the broker cannot be reached (retrying may help) and
-    ``AccessRefused`` when it refuses us (``TLSRefused`` for a failed TLS handshake).
-    """
-    scheme = urlparse(check_broker_url(url)).scheme
-    if scheme == "memory":
-        from messages.memory import MemoryBroker
-
-        return MemoryBroker(url)
-    from messages.rabbitmq import RabbitBroker  # the only module that imports pika
-
-    return RabbitBroker(url, **options)

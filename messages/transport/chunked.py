@@ -3,7 +3,7 @@
 ``ChunkedBroker`` wraps any ``Broker`` (``chunked(connect(url), settings)``) and keeps its
 interface, so the daemons publish, consume, ack and call as before:
 
-- ``publish`` sends a body over ``max_chunk_bytes`` as chunks (``messages.chunking``), each
+- ``publish`` sends a body over ``max_chunk_bytes`` as chunks (``messages.wire.chunks``), each
   with its own confirm; anything smaller goes through untouched. When a chunk is refused
   (a full ``reject-publish`` queue), publishing the same bytes object to the same place again
   on this connection resumes at that chunk, under the same set id, instead of sending the
@@ -54,8 +54,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from messages.broker import Broker, Delivery, Handler
-from messages.chunking import (
+from messages.errors import BrokerError, InvalidMessage
+from messages.transport.broker import Broker, Delivery, Handler
+from messages.wire.chunks import (
     CHUNK_COUNT,
     CHUNK_ID,
     DEFAULT_CHUNK_TIMEOUT,
@@ -66,8 +67,7 @@ from messages.chunking import (
     Reassembler,
     split,
 )
-from messages.codec import DEFAULT_MAX_BYTES
-from messages.errors import BrokerError, InvalidMessage
+from messages.wire.codec import DEFAULT_MAX_BYTES
 
 log = logging.getLogger("dfl.chunks")
 MAX_PREFETCH = 65535

@@ -1,6 +1,6 @@
 """The message kinds that travel between parties and the aggregator.
 
-Each kind is a plain dataclass; ``messages.codec`` turns them into msgpack maps and back and
+Each kind is a plain dataclass; ``messages.wire.codec`` turns them into msgpack maps and back and
 checks every field's type on the way in. Field annotations are the schema: the codec reads
 them, so adding a field here is the whole change (old peers ignore unknown keys; a new
 required field needs a schema version bump).
