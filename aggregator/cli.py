@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import START_MODES, AggregatorConfig
 from aggregator.staleness import STALENESS_FUNCTIONS
 from aggregator.strategies import AGGREGATIONS, STRATEGIES
 from messages.daemon.cli import (
@@ -19,16 +19,18 @@ from messages.daemon.cli import (
 )
 
 DESCRIPTION = """\
-Run the aggregator of a federation: it waits for --min-parties parties to join, releases
-model version 0, then folds every party's weight delta into the global model (FedAsync,
-FedBuff or synchronous FedAvg), broadcasts each new version, and evaluates the global
-model on the held-out test set every --eval-every-seconds. It exits 0 when it reaches
+Run the aggregator of a federation: it waits for --min-parties parties to join (or, with
+--start manual, admits joins until `dfl start` asks it to begin), releases model version 0,
+then folds every party's weight delta into the global model (FedAsync, FedBuff or
+synchronous FedAvg), broadcasts each new version, and evaluates the global model on the
+held-out test set every --eval-every-seconds. It exits 0 when it reaches
 --target-accuracy, --max-seconds or --max-versions (after broadcasting a stop so workers
 exit too), or on Ctrl-C/SIGTERM.
 
 example:
   dfl aggregator --broker amqp://guest:guest@localhost:5672/%2F --min-parties 2 \\
       --target-accuracy 0.98 --eval-log eval.jsonl --save-model global.keras
+  dfl aggregator --start manual ...   # then, from any host: dfl start --federation mnist
 """
 
 
@@ -100,6 +102,10 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=Formatter)
     add_common_options(parser)
     add_strategy_options(parser)
+    parser.add_argument("--start", choices=START_MODES,
+                        help="when model version 0 is released: min-parties, once --min-parties "
+                             "parties joined; manual, only when asked (`dfl start`, "
+                             "Aggregator.start_training()), with the parties that joined by then")
     add_daemon_options(parser)
     d = parser.add_argument_group("durability")
     d.add_argument("--checkpoint-dir", metavar="DIR",

@@ -6,31 +6,39 @@ it accepts, so a daemon refuses to start instead of failing an hour into a run.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
+from aggregator.staleness import StalenessKind
+from aggregator.strategies import Aggregation, StrategyName
 from messages.daemon.settings import FederationSettings
 from messages.transport.topology import DEFAULT_DELIVERY_LIMIT
 from messages.types import Settings
+
+StartMode = Literal["min-parties", "manual"]
+"""When model version 0 is released: once ``min_parties`` parties have joined, or only when
+asked (``Aggregator.start_training()``, ``dfl start``, a ``Query("start")`` on F.control)."""
+START_MODES: tuple[str, ...] = get_args(StartMode)
 
 
 class AggregatorConfig(FederationSettings):
     """Everything an ``Aggregator`` needs; see ``dfl aggregator --help`` for each option."""
 
-    strategy: Literal["fedasync", "fedbuff", "fedavg"] = "fedasync"
-    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    strategy: StrategyName = "fedasync"
+    staleness: StalenessKind = "polynomial"
     staleness_a: float | None = Field(default=None, gt=0)
     staleness_b: int | None = Field(default=None, ge=0)
     mixing_alpha: float = Field(default=0.6, gt=0, le=1)
     buffer_k: int = Field(default=2, ge=1)
     eta: float = Field(default=1.0, gt=0)
-    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    aggregation: Aggregation = "mean"
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
     max_update_norm: float | None = Field(default=None, gt=0)
     max_staleness: int = Field(default=50, ge=0)
     max_delta_abs: float = Field(default=1e4, gt=0)
     min_parties: int = Field(default=2, ge=1)
+    start: StartMode = "min-parties"
     lease_seconds: float = Field(default=60.0, gt=0)
     # what parties are told to do (the welcome's settings)
     local_steps: int = Field(default=100, ge=1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from messages.daemon.plugins import build_model, load_dataset
+from messages.daemon.plugins import build_model, check_data_plugin, load_dataset
 from messages.errors import FederationError
 from messages.types import NDArrays, Tensors
 
@@ -54,6 +54,7 @@ class Evaluator:
 
     def __init__(self, model_plugin: str, data_plugin: str, data_dir: str | None, seed: int,
                  log_path: str | None, tensorboard: str | None = None) -> None:
+        check_data_plugin(data_plugin)  # a wrong signature stops the aggregator at start
         self._model_plugin, self._data_plugin = model_plugin, data_plugin
         self._data_dir, self._seed = data_dir, seed
         self._log_path = Path(log_path) if log_path else None

@@ -18,8 +18,11 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -66,6 +69,9 @@ CRASH_HOOK = "DFL_TEST_CRASH_PARTY"
 """Test-only fault injection: an aggregator started with this variable set exits at once
 (``os._exit(70)``, as a crash would) when it reads an update of that party, so tests can show
 that the broker's delivery limit ends a crash loop. Nothing sets it outside tests."""
+UNSIGNED_START = ("start refused: this federation requires signatures (--keys), so a start "
+                  "request must be signed by a key in its key directory (dfl start "
+                  "--signing-key FILE)")
 
 
 class Aggregator(BackgroundService):
@@ -115,6 +121,8 @@ class Aggregator(BackgroundService):
                           if config.evaluate else None)
         self.metrics = AggregatorMetrics()
         self._stop = threading.Event()
+        # start_training() from other threads, answered by the aggregator's thread in _tick
+        self._start_requests: SimpleQueue[Future[dict[str, Any]]] = SimpleQueue()
         self._broker: ChunkedBroker | None = None
         self._started = 0.0
         self._applied_times: deque[float] = deque(maxlen=200)
@@ -149,6 +157,28 @@ class Aggregator(BackgroundService):
         log.info("stopping: %s", reason)
         self._stop.set()
 
+    def start_training(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Release model version 0 to the parties that joined so far (safe from any thread).
+
+        The verb of ``--start manual`` (as IBM FL's ``start_training()``); with the default
+        ``--start min-parties`` it releases early, before ``min_parties`` joined. Returns
+        ``{"started": True, "version": 0, "parties": N}``; raises ``FederationError`` when no
+        party has joined yet, training already started, or the aggregator is not running.
+        """
+        if self._stop.is_set():
+            raise FederationError("the aggregator is not running: nothing to start")
+        request: Future[dict[str, Any]] = Future()
+        self._start_requests.put(request)  # the aggregator's thread answers it in _tick
+        try:
+            answer = request.result(timeout)
+        except FutureTimeout:
+            request.cancel()
+            raise FederationError(f"the aggregator did not answer within {timeout:g} s "
+                                  "(is it running and connected?)") from None
+        if "error" in answer:
+            raise FederationError(str(answer["error"]))
+        return answer
+
     @property
     def version(self) -> int:
         return self.status.version
@@ -174,11 +204,14 @@ class Aggregator(BackgroundService):
             self._adopt_initial(load_keras_weights(self.config.initial_model, self.config.model))
         if self.config.metrics_port is not None:
             self.metrics = AggregatorMetrics(self.config.metrics_port)
-            log.info("metrics on http://0.0.0.0:%d/metrics", self.metrics.port)
+            log.info("metrics on http://0.0.0.0:%d/metrics (health: /livez, /readyz)",
+                     self.metrics.port)
+        self.metrics.stale_after = self.config.liveness_seconds
         if self.evaluator is not None:
             self.evaluator.start(resumed=state is not None)
         try:
-            supervise(self._session, stop=self._stop, name="aggregator")
+            supervise(self._session, stop=self._stop, name="aggregator",
+                      alive=self.metrics.tick)
             if self.status.finished is not None and not self._stop_sent:
                 self._stop_after_disconnect()
             self._final_outputs()
@@ -211,9 +244,12 @@ class Aggregator(BackgroundService):
                 for queue, handle in ((self.topology.control, self._handle_control),
                                       (self.topology.updates, self._handle_update))}
             connected()
-            log.info("aggregator up: federation %s, %s/%s, version %d, waiting for %d parties",
-                     cfg.federation, cfg.strategy, cfg.staleness, self.status.version,
-                     cfg.min_parties)
+            self.metrics.set_ready(True)
+            log.info("aggregator up: federation %s, %s/%s, version %d, %s", cfg.federation,
+                     cfg.strategy, cfg.staleness, self.status.version,
+                     "started" if self.status.released else
+                     f"waiting for {cfg.min_parties} parties" if cfg.start == "min-parties"
+                     else "waiting for a start request (dfl start)")
             # Parties that knew an earlier aggregator (a restart, a rollback to an older
             # checkpoint, no checkpoint at all) join again and take the model from the welcome.
             self._announce_rejoin()
@@ -226,6 +262,8 @@ class Aggregator(BackgroundService):
             self._commit(force=True)
             self._broadcast_stop(broker)
         finally:
+            self.metrics.set_ready(False, "stopped" if self._stop.is_set() else
+                                   "not connected to the broker: reconnecting")
             self._broker = None
             broker.close()
 
@@ -248,7 +286,12 @@ class Aggregator(BackgroundService):
         return handler
 
     def _tick(self) -> None:
+        self.metrics.tick()  # /livez: the loop goes round
         cfg = self.config
+        while not self._start_requests.empty():
+            request = self._start_requests.get()
+            if request.set_running_or_notify_cancel():
+                request.set_result(self._start_training())
         elapsed = time.monotonic() - self._started
         for party in self.membership.expire():
             log.warning("party %s: lease expired, no longer waited for", party)
@@ -440,6 +483,14 @@ class Aggregator(BackgroundService):
             return event
         if isinstance(msg, Heartbeat):
             self._heard_from(msg.party)
+        elif isinstance(msg, Query) and msg.what == "start":
+            # unlike status and model queries it changes state: with --keys, only a holder
+            # of a key in the key directory (a party's, or an operator's) may start training
+            if signer is None and self._keyring is not None:
+                log.warning("an unsigned start request refused (--keys is on)")
+            answer = encode(Report(self._start_training() if signer is not None
+                                   or self._keyring is None else {"error": UNSIGNED_START}))
+            self._broker.reply(d, answer, headers=self._signed(answer))
         elif isinstance(msg, Query):
             answer = encode(self._answer(msg))
             self._broker.reply(d, answer, headers=self._signed(answer))
@@ -494,7 +545,7 @@ class Aggregator(BackgroundService):
             return Model(self.status.version, dict(zip(self.names, self.weights, strict=True)))
         if query.what == "model":
             return Report({"error": "there is no model yet: no party has joined"})
-        return Report({"error": f"unknown query {query.what!r}: ask for status or model"})
+        return Report({"error": f"unknown query {query.what!r}: ask for status, model or start"})
 
     def _welcome(self, join: Join) -> Welcome:
         def refuse(reason: str) -> Welcome:
@@ -520,18 +571,36 @@ class Aggregator(BackgroundService):
                  self.status.version, join.num_samples, len(self.membership.active))
         if self.status.released:
             self._parties_changed()
-        elif len(self.membership.active) >= self.config.min_parties:
-            self.status.released = True
-            self.status.version = 0
-            self.strategy.parties_changed(self.weights, self.membership.active)
-            log.info("%d parties joined: releasing model version 0", len(self.membership.active))
-            self._broadcast()
+        elif (self.config.start == "min-parties"
+              and len(self.membership.active) >= self.config.min_parties):
+            self._release()
         tensors: Tensors = {}
         if self.status.released:
             tensors = dict(zip(self.names, self.weights, strict=True))
         return Welcome(join.party, True, "", self.status.version,
                        self.last_seq.get(join.party, -1), incarnation * SEQ_RANGE,
                        self.config.settings(), tensors)
+
+    def _release(self) -> None:
+        """Model version 0 to every party: training starts (once, kept in checkpoints)."""
+        self.status.released = True
+        self.status.version = 0
+        self.strategy.parties_changed(self.weights, self.membership.active)
+        log.info("%d parties joined: releasing model version 0", len(self.membership.active))
+        self._broadcast()
+
+    def _start_training(self) -> dict[str, Any]:
+        """A start request (``start_training()`` or ``Query("start")``): release version 0
+        now, or say why not. On the aggregator's thread."""
+        if self.status.released:
+            return {"error": f"training already started (now at version {self.status.version})"}
+        if not self.membership.active or not self.weights:
+            return {"error": "no party has joined yet: start the parties first"}
+        self._release()
+        self._dirty = True  # released is on disk before anything else happens
+        self._commit(force=True)
+        return {"started": True, "version": self.status.version,
+                "parties": len(self.membership.active)}
 
     def _adopt_initial(self, tensors: Tensors) -> None:
         self.names = list(tensors)

@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from messages.errors import ConfigError
 
 StalenessFn = Callable[[int], float]
 """Maps a staleness ``s >= 0`` to a weight in ``(0, 1]``; raises ``ValueError`` for ``s < 0``."""
 
-STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
+StalenessKind = Literal["constant", "polynomial", "hinge"]
+STALENESS_FUNCTIONS: tuple[str, ...] = get_args(StalenessKind)
 """The names :func:`make_staleness` accepts, in the order a CLI should list them."""
 
 DEFAULT_POLYNOMIAL_A = 0.5

@@ -38,7 +38,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
@@ -47,10 +47,12 @@ from aggregator.staleness import StalenessFn
 from messages.errors import ConfigError
 from messages.types import NDArray, NDArrays
 
-STRATEGIES = ("fedasync", "fedbuff", "fedavg")
+StrategyName = Literal["fedasync", "fedbuff", "fedavg"]
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 """The names :func:`make_strategy` accepts."""
 
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
+Aggregation = Literal["mean", "median", "trimmed-mean"]
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 """How :class:`FedBuff` combines a full buffer: weighted mean, coordinate-wise median or
 trimmed mean."""
 

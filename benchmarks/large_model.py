@@ -42,6 +42,7 @@ from benchmarks.codec import tensors_of
 from messages.transport.broker import Broker, Delivery
 from messages.transport.chunked import ChunkedBroker
 from messages.transport.connect import connect
+from messages.transport.topology import QUEUE_TYPES
 from messages.types import spec_of
 from messages.wire.chunks import chunk_count, split
 from messages.wire.codec import decode, encode
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--params", default="10,50", help="millions of parameters, commas")
     parser.add_argument("--chunk-mib", type=float, default=8.0, help="chunk size in MiB")
-    parser.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"))
+    parser.add_argument("--queue-type", default="quorum", choices=QUEUE_TYPES)
     parser.add_argument("--repeat", type=int, default=3, help="runs per path; best is shown")
     ns = parser.parse_args(argv)
     chunk = int(ns.chunk_mib * MIB)

@@ -46,6 +46,7 @@ from tabulate import tabulate
 
 import worker.service
 from aggregator import Aggregator, AggregatorConfig
+from aggregator.strategies import STRATEGIES
 from messages.transport.broker import Broker
 from messages.transport.connect import connect
 from messages.types import NDArrays
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured wall time per strategy, from the later party's first "
                              "round (default: 60)")
     parser.add_argument("--strategies", nargs="+", default=["fedasync", "fedavg"],
-                        choices=("fedasync", "fedbuff", "fedavg"),
+                        choices=STRATEGIES,
                         help="one federation each (default: fedasync fedavg)")
     parser.add_argument("--parties", type=int, default=2, help="workers (default: 2)")
     parser.add_argument("--local-steps", type=int, default=0,

@@ -73,7 +73,7 @@ from tabulate import tabulate
 from messages.errors import FederationError, InvalidMessage, RpcTimeout
 from messages.transport.broker import Broker, Delivery
 from messages.transport.connect import connect
-from messages.transport.topology import REASON_HEADER, Topology
+from messages.transport.topology import QUEUE_TYPES, REASON_HEADER, Topology
 from messages.types import Tensors, TensorSpec
 from messages.wire.codec import decode, encode
 from messages.wire.kinds import Heartbeat, Join, Leave, Model, Query, Report, Update, Welcome
@@ -676,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffer-k", type=int, default=10, help="FedBuff's K (default: 10)")
     parser.add_argument("--processes", type=int, default=0,
                         help="party processes (default: parties/50, at least 2)")
-    parser.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"))
+    parser.add_argument("--queue-type", default="quorum", choices=QUEUE_TYPES)
     parser.add_argument("--model", metavar="MODULE:FUNC",
                         help="take the tensors from this Keras plug-in (built once in a "
                              "subprocess); default: the built-in CNN's, without TensorFlow")

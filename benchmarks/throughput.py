@@ -36,7 +36,7 @@ from benchmarks.codec import tensors_of
 from benchmarks.scale import ProcessProbe, broker_pid
 from messages.transport.broker import Delivery
 from messages.transport.connect import connect
-from messages.transport.topology import Topology
+from messages.transport.topology import QUEUE_TYPES, Topology
 from messages.wire.codec import decode, encode
 from messages.wire.kinds import Join, Update, Welcome
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=["amqp://guest:guest@localhost:5672/%2F", "memory://bench"])
     parser.add_argument("--params", type=float, default=1.2, help="millions of parameters")
     parser.add_argument("--count", type=int, default=150, help="messages per measurement")
-    parser.add_argument("--queue-type", default="quorum", choices=("quorum", "classic"))
+    parser.add_argument("--queue-type", default="quorum", choices=QUEUE_TYPES)
     parser.add_argument("--rounds", type=int, default=3,
                         help="measurements of each consumer, taking turns (medians reported)")
     parser.add_argument("--profile", action="store_true",

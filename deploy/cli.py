@@ -70,6 +70,7 @@ def _run(argv: list[str]) -> int:
         if ns.parties < 1:
             fail(prog, f"--parties {ns.parties}: must be at least 1")
         agg_flags = {**RUN_DEFAULTS, "min_parties": ns.parties,
+                     "start": "min-parties",  # nobody would call start (even with $DFL_START)
                      **flags_for(ns, AggregatorConfig)}
         agg_config = RunConfig.load(agg_flags)
         worker_flags = {k: v for k, v in flags_for(ns, WorkerConfig).items()}
@@ -103,6 +104,8 @@ COMMANDS = {
                lambda a: remote.status_main(a)),
     "export": ("save a running federation's global model as .keras",
                lambda a: remote.export_main(a)),
+    "start": ("start training (an aggregator run with --start manual)",
+              lambda a: remote.start_main(a)),
     "plot": ("plot test accuracy against wall time from evaluation logs",
              lambda a: plot.main(a)),
     "admin": ("create broker users, permissions and signing keys of parties",

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from tabulate import tabulate
@@ -137,7 +137,7 @@ def iso(at: float | None) -> str | None:
     """``at`` (Unix time) as ISO 8601 in UTC, to the second."""
     if at is None:
         return None
-    return datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
 
 
 def _bare(d: Delivery) -> Delivery:

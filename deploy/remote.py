@@ -1,6 +1,6 @@
-"""``dfl status`` and ``dfl export``: ask a running aggregator over the broker.
+"""``dfl status``, ``dfl export`` and ``dfl start``: ask a running aggregator over the broker.
 
-Both are RPCs on the federation's control queue, so they work from any host that reaches
+All are RPCs on the federation's control queue, so they work from any host that reaches
 RabbitMQ; nothing connects to the aggregator's machine directly.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
@@ -22,6 +23,7 @@ from messages.transport.connect import connect
 from messages.transport.topology import Topology
 from messages.wire.codec import decode, encode
 from messages.wire.kinds import Message, Model, Query, Report
+from messages.wire.signing import Signer, load_signer
 
 STATUS_DESCRIPTION = """\
 Show a running federation: model version, updates/s, every party (state, last seen,
@@ -41,6 +43,17 @@ example:
   dfl export --broker amqp://guest:guest@rabbit:5672/%2F --federation mnist -o now.keras
 """
 
+START_DESCRIPTION = """\
+Start training: the aggregator of a federation run with --start manual releases model
+version 0 to the parties that joined so far (with --start min-parties, before
+--min-parties joined). Asks the aggregator over the broker, so it works from any host.
+When the aggregator runs with --keys, the request must be signed with a key from its key
+directory (--signing-key), e.g. an operator key: `dfl admin add-party operator --keys DIR`.
+
+example:
+  dfl start --broker amqp://guest:guest@rabbit:5672/%2F --federation mnist
+"""
+
 
 def _parser(prog: str, description: str) -> Parser:
 
@@ -51,12 +64,16 @@ def _parser(prog: str, description: str) -> Parser:
     return parser
 
 
-def ask(broker_url: str, federation: str, what: str, timeout: float) -> Message:
-    """Send a query to the federation's aggregator and return its answer."""
+def ask(broker_url: str, federation: str, what: str, timeout: float,
+        signer: Signer | None = None) -> Message:
+    """Send a query to the federation's aggregator (signed by ``signer``, if given) and
+    return its answer."""
     topology = Topology(federation)
+    body = encode(Query(what))
     with ChunkedBroker(connect(broker_url)) as broker:  # a big model is answered in chunks
         try:
-            reply = broker.call(topology.control, encode(Query(what)), timeout=timeout,
+            reply = broker.call(topology.control, body, timeout=timeout,
+                                 headers=signer.headers(body) if signer else None,
                                  exchange=topology.ingress)
         except PublishRejected:
             raise FederationError(f"no federation {federation!r} on {mask_url(broker_url)} "
@@ -70,7 +87,8 @@ def ask(broker_url: str, federation: str, what: str, timeout: float) -> Message:
 def status_table(data: dict[str, Any]) -> str:
     head = (f"federation {data['federation']} ({data['strategy']}): version {data['version']}, "
             f"{data['updates']} updates, {data['updates_per_second']} updates/s, "
-            f"{data['active_parties']} active parties, accuracy {data['accuracy']}")
+            f"{data['active_parties']} active parties, accuracy "
+            f"{'none yet' if data['accuracy'] is None else format(data['accuracy'], '.4f')}")
     rows = [[p["party"], p["state"], f"{p['last_seen_seconds']} s ago", p["updates"],
              p["mean_staleness"], p["local_accuracy"], p["lag"]] for p in data["parties"]]
     headers = ["party", "state", "last seen", "updates", "mean staleness", "local accuracy",
@@ -126,6 +144,27 @@ def export_main(argv: list[str] | None = None) -> int:
     except FederationError as exc:
         fail(prog, exc)
     print(f"saved global model version {answer.version} to {ns.output}")
+    return 0
+
+
+def start_main(argv: list[str] | None = None) -> int:
+    """Exit 0 with one line when training started; 1 with the aggregator's refusal."""
+    prog = "dfl start"
+    parser = _parser(prog, START_DESCRIPTION)
+    parser.add_argument("--signing-key", metavar="FILE",
+                        help="sign the request with this key (ID.key or ID.secret from `dfl "
+                             "admin`; the signer is ID): needed when the aggregator has --keys")
+    ns = parser.parse_args(argv)
+    try:
+        signer = (load_signer(ns.signing_key, Path(ns.signing_key).stem)
+                  if ns.signing_key else None)
+        answer = ask(ns.broker, ns.federation, "start", ns.timeout, signer)
+    except FederationError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    assert isinstance(answer, Report)
+    print(f"started federation {ns.federation} at version {answer.data['version']} "
+          f"with {answer.data['parties']} parties")
     return 0
 
 

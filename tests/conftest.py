@@ -1,5 +1,8 @@
 """Fixtures for both brokers.
 
+No ``DFL_*`` variable of the user's shell reaches a test (nor a process it starts) unless the
+test sets it itself; only the suite's own (``tests.processes.TEST_SETTINGS``) pass through.
+
 RabbitMQ comes from testcontainers where a Docker engine is reachable, otherwise from
 ``DFL_TEST_AMQP_URL`` (default: the local broker). Without either, broker tests skip on a
 laptop but fail when ``CI`` is set, so CI can never pass by skipping them. The TLS tests
@@ -21,12 +24,19 @@ from messages.errors import BrokerError
 from messages.transport.broker import Broker
 from messages.transport.connect import connect
 from messages.transport.topology import Topology
-from tests.processes import Procs
+from tests.processes import Procs, users_settings
 
 if TYPE_CHECKING:
     from tests.tls_node import TLSNode
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+@pytest.fixture(autouse=True)
+def hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide the user's ``DFL_*`` settings from every test; restored after it."""
+    for name in users_settings(os.environ):
+        monkeypatch.delenv(name)
 
 
 def _container_url() -> Iterator[str] | None:

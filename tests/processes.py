@@ -7,12 +7,25 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+TEST_SETTINGS = frozenset({"DFL_TEST_AMQP_URL", "DFL_TEST_MANAGEMENT_URL",
+                           "DFL_TEST_RABBITMQ_BIN", "DFL_FUZZ_EXAMPLES"})
+"""The ``DFL_*`` variables meant for the test suite itself; every other one is the user's."""
+
+
+def users_settings(environ: Mapping[str, str]) -> list[str]:
+    """The ``DFL_*`` daemon settings in ``environ``, which no test may inherit (the suite must
+    pass whatever the user's shell exports, ``DFL_DATA_DIR`` included)."""
+    return [name for name in environ if name.startswith("DFL_") and name not in TEST_SETTINGS]
+
+
+_HIDDEN = set(users_settings(os.environ))
+ENV = {**{k: v for k, v in os.environ.items() if k not in _HIDDEN},
+       "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def dfl() -> str:

@@ -6,9 +6,11 @@ path (join, update, duplicate, bad input, leave) runs through the same code as i
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -16,12 +18,25 @@ import numpy as np
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
+from messages.errors import FederationError
 from messages.transport.broker import Broker, Delivery
 from messages.transport.connect import connect
 from messages.transport.topology import Topology
 from messages.wire.codec import SCHEMA_VERSION, decode, encode
 from messages.wire.deadletters import DeadLetter, read_dead
-from messages.wire.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
+from messages.wire.kinds import (
+    Heartbeat,
+    Join,
+    Leave,
+    Message,
+    Model,
+    Query,
+    Report,
+    Stop,
+    Update,
+    Welcome,
+)
+from tests.processes import ENV, dfl
 
 SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,)}
 
@@ -78,6 +93,11 @@ class Client:
     def update(self, party: str, seq: int, base: int, value: float = 1.0, **kw: Any) -> None:
         self.send(encode(Update(party, seq, base, kw.pop("num_samples", 100), delta(value),
                                 **kw)))
+
+    def ask(self, what: str) -> Message:
+        """An operator's query, as ``dfl status``/``dfl start`` send it."""
+        return decode(self.b.call(self.t.control, encode(Query(what)), timeout=5,
+                                  exchange=self.t.ingress).body)
 
     def pump(self, done: Callable[[], bool], timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -143,8 +163,97 @@ def test_the_first_model_is_released_once_min_parties_have_joined(env: Env) -> N
     assert second.version == 0 and list(second.tensors) == list(SHAPES)
     client.pump(lambda: len(client.models) == 1)
     assert client.models[0].version == 0
+    assert agg.config.start == "min-parties"  # the default
     agg.stop()
     agg.wait(10)
+
+
+def test_manual_start_admits_joins_and_releases_version_0_only_on_start_training(
+        env: Env) -> None:
+    agg = env.start(start="manual", min_parties=1)
+    with pytest.raises(FederationError, match="no party has joined yet"):
+        agg.start_training()
+    client = env.client()
+    client.listen("a")
+    for party in "ab":
+        welcome = client.join(party)
+        assert welcome.accepted and welcome.tensors == {} and welcome.version == -1
+    client.b.process_events(0.3)
+    assert client.models == [] and not agg.status.released  # min_parties=1 does not start it
+    assert agg.start_training() == {"started": True, "version": 0, "parties": 2}
+    client.pump(lambda: len(client.models) == 1)
+    assert client.models[0].version == 0 and list(client.models[0].tensors) == list(SHAPES)
+    assert list(client.join("c").tensors) == list(SHAPES)  # a late party gets the model
+    with pytest.raises(FederationError, match="already started"):
+        agg.start_training()
+    agg.stop()
+    agg.wait(10)
+    with pytest.raises(FederationError, match="not running"):
+        agg.start_training()
+
+
+def test_a_start_query_over_the_broker_releases_version_0(env: Env) -> None:
+    agg = env.start(start="manual")
+    client = env.client()
+    client.listen("a")
+    refused = client.ask("start")
+    assert isinstance(refused, Report) and "no party has joined" in refused.data["error"]
+    client.join("a")
+    started = client.ask("start")
+    assert isinstance(started, Report)
+    assert started.data == {"started": True, "version": 0, "parties": 1}
+    client.pump(lambda: len(client.models) == 1)
+    assert client.models[0].version == 0
+    again = client.ask("start")
+    assert isinstance(again, Report) and "already started" in again.data["error"]
+    agg.stop()
+    agg.wait(10)
+
+
+def test_a_restarted_manual_aggregator_that_was_started_does_not_wait_again(
+        env: Env, tmp_path: Path) -> None:
+    agg = env.start(start="manual", checkpoint_dir=str(tmp_path))
+    client = env.client()
+    client.join("a")
+    agg.start_training()
+    agg.stop()
+    agg.wait(10)
+    again = env.start(start="manual", checkpoint_dir=str(tmp_path))
+    welcome = client.join("b")  # at once from the model: no second start request
+    assert welcome.version == 0 and list(welcome.tensors) == list(SHAPES)
+    assert again.status.released
+    again.stop()
+    again.wait(10)
+
+
+@pytest.mark.rabbitmq
+def test_dfl_start_starts_a_manual_federation_from_another_process(
+        amqp_url: str, federation: str) -> None:
+    env = Env(amqp_url, federation)
+    agg = env.start(start="manual")
+    client = env.client()
+
+    def dfl_start() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dfl(), "start", "--broker", amqp_url, "--federation", federation],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+
+    try:
+        early = dfl_start()
+        assert early.returncode == 1 and "no party has joined yet" in early.stderr
+        client.join("a")
+        client.join("b")
+        done = dfl_start()
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"started federation {federation} at version 0 with 2 parties\n"
+        assert agg.status.released
+    finally:
+        agg.stop()
+        agg.wait(10)
+        client.b.close()
+        with connect(amqp_url) as b:
+            t = Topology(federation)
+            for q in (t.updates, t.control, t.dead):
+                b.delete_queue(q)
 
 
 def test_an_update_is_applied_with_fedasync_and_broadcast_as_a_new_version(running: Any) -> None:
@@ -382,13 +491,16 @@ def test_an_unexpected_exception_is_an_internal_error_dead_letter_not_a_stop(
 
 def test_an_unknown_partys_heartbeat_asks_only_that_party_to_rejoin(running: Any) -> None:
     agg, client = running
-    client.listen("ghost")
+    ghost: list[Message] = []
+    queue = client.t.declare_model_queue(client.b, "ghost")
+    client.b.consume(queue, lambda d: ghost.append(decode(d.body)), auto_ack=True)
+    seen_by_a = len(client.broadcasts)
     for _ in range(5):
         client.b.publish("", client.t.control, encode(Heartbeat("ghost", 0)))
-    client.pump(lambda: any(isinstance(m, Query) for m in client.broadcasts))
+    client.pump(lambda: any(isinstance(m, Query) for m in ghost))
     client.b.process_events(0.3)
-    asks = [m for m in client.broadcasts if isinstance(m, Query)]
-    assert len(asks) == 1  # once (rate-limited), and only on ghost's own queue:
+    assert [m.what for m in ghost if isinstance(m, Query)] == ["rejoin"]  # once: rate-limited
+    assert not any(isinstance(m, Query) for m in client.broadcasts[seen_by_a:])  # not to a
     assert agg.membership.active == {"a", "b"}  # the live parties were not disturbed
 
 

@@ -396,13 +396,18 @@ def test_dockerfile_structure() -> None:
 
 def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
     """The Dockerfile's HEALTHCHECK and the compose healthchecks, run for real against a
-    /metrics endpoint on this machine (python stands in for the image's python)."""
+    stand-in of the metrics port on this machine (python stands in for the image's python):
+    healthy while /livez answers 200, unhealthy on a closed port and on a wedged daemon
+    (/livez 503 while /metrics and /readyz still answer)."""
+    live = {"/livez": True}
+
     class Metrics(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            ok = self.path == "/metrics"
-            self.send_response(200 if ok else 404)
+            code = {"/metrics": 200, "/readyz": 200,
+                    "/livez": 200 if live["/livez"] else 503}.get(self.path, 404)
+            self.send_response(code)
             self.end_headers()
-            self.wfile.write(b"dfl_model_version 3.0\n" if ok else b"")
+            self.wfile.write(b"dfl_model_version 3.0\n" if self.path == "/metrics" else b"")
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -421,14 +426,20 @@ def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
             assert run(argv, env=env).returncode == 0  # no DFL_METRICS_PORT: healthy
             assert run(argv, env={**env, "DFL_METRICS_PORT": up}).returncode == 0
             assert run(argv, env={**env, "DFL_METRICS_PORT": down}).returncode != 0
+            live["/livez"] = False
+            assert run(argv, env={**env, "DFL_METRICS_PORT": up}).returncode != 0
+            live["/livez"] = True
             for name in ("aggregator", "worker"):
                 test = compose["services"][name]["healthcheck"]["test"]
                 assert test[:2] == ["CMD", "python"]
+                assert "/livez'" in test[-1], name
                 port = compose["services"][name]["environment"]["DFL_METRICS_PORT"]
-                for target, healthy in ((up, True), (down, False)):
+                for target, alive, healthy in ((up, True, True), (up, False, False),
+                                               (down, True, False)):
+                    live["/livez"] = alive
                     argv = [sys.executable, *(a.replace(f":{port}/", f":{target}/")
                                               for a in test[2:])]
-                    assert (run(argv).returncode == 0) is healthy, (name, target)
+                    assert (run(argv).returncode == 0) is healthy, (name, target, alive)
         finally:
             server.shutdown()
 
@@ -688,14 +699,18 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
             assert {"cpu", "memory"} <= set(c["resources"][bound])
         (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
         assert metrics["containerPort"] == port
-        for probe in ("livenessProbe", "readinessProbe"):
-            assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        # health, not the metrics (served on a thread of their own, whatever the loop does)
+        for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"),
+                            ("readinessProbe", "/readyz")):
+            assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
         assert any(e.get("configMapRef", {}).get("name") == "dfl-config"
                    for e in c["envFrom"])
         labels = workload["spec"]["template"]["metadata"]["labels"]
         selected = [s for s in services
                     if s["spec"]["selector"].items() <= labels.items()]
         assert selected, f"no Service selects {workload['metadata']['name']}"
+        # a pod that is not ready (/readyz: not connected) is still scraped
+        assert all(s["spec"].get("publishNotReadyAddresses") is True for s in selected)
         assert any(p["name"] == "metrics" for s in selected for p in s["spec"]["ports"])
 
     monitor = find("ServiceMonitor")

@@ -128,6 +128,7 @@ def test_single_machine_notebook_runs_a_tiny_federation(tmp_path: Path) -> None:
     client(nb, tmp_path).execute()
 
     assert_no_errors(nb)
+    assert "released to 2 parties" in stdout(nb, "agg.start_training()")
     progress = stdout(nb, "show_new_evaluations()")
     assert re.search(rf"^\s*[\d.]+ s  version\s+{MAX_VERSIONS}  accuracy 0\.\d{{4}}", progress,
                      re.MULTILINE), progress
@@ -167,7 +168,7 @@ def test_aggregator_and_party_notebooks_train_over_rabbitmq(
 
     for nb in (aggregator, *parties):
         assert_no_errors(nb)
-    assert "training started" in stdout(aggregator, "agg.status.released")
+    assert "released to 2 parties" in stdout(aggregator, "agg.start_training()")
     watched = stdout(aggregator, "show_new_evaluations()")
     assert re.search(rf": version {MAX_VERSIONS}, \d+ updates", watched), watched
     assert_saved(aggregator, runs)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from aggregator import Aggregator
+from deploy.remote import start_main
 from messages.errors import ConfigError, FederationError, InvalidMessage
 from messages.transport.broker import Delivery
 from messages.wire.codec import decode, encode
@@ -151,6 +152,31 @@ def test_control_messages_are_verified_too(signed: tuple[Aggregator, Client, Pat
                            exchange=client.t.ingress)
     assert isinstance(decode(answer.body), Report)
     aggregator_keyring(keys / "aggregator.pub").verify(answer.body, answer.headers)
+
+
+def test_with_keys_a_start_request_must_be_signed_by_a_known_key(
+        env: Env, keys: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Starting changes state, so unlike status and model queries an unsigned start is
+    refused (answered, and nothing released); any key in the key directory may start."""
+    agg = env.start(start="manual", keys_dir=str(keys))
+    client = env.client()
+    client.listen("a")
+    Party(client, signer(keys, "a")).join("a")
+    target = ["--broker", env.url, "--federation", env.federation]
+    assert start_main(target) == 1
+    assert "must be signed by a key in its key directory" in capsys.readouterr().err
+    start = encode(Query("start"))
+    client.b.publish(client.t.ingress, client.t.control, start,
+                     headers=load_signer(keys / "elsewhere" / "z.key", "z").headers(start))
+    assert dead_reason(client, 1) == "unknown-signer"
+    assert not agg.status.released and client.models == []
+    assert start_main([*target, "--signing-key", str(keys / "b.key")]) == 0  # known, not joined
+    assert capsys.readouterr().out == (f"started federation {env.federation} at version 0 "
+                                       "with 1 parties\n")
+    client.pump(lambda: len(client.models) == 1)
+    agg.stop()
+    agg.wait(10)
+    client.b.close()
 
 
 def test_hmac_parties_sign_with_their_secret(signed: tuple[Aggregator, Client, Path]) -> None:

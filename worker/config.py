@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from messages.daemon.settings import FederationSettings
 from messages.wire.compression import DEFAULT_TOPK_FRACTION, Encoding
+from worker.partition import Scheme
 
 
 def ordinal_from_hostname(hostname: str | None = None) -> int:
@@ -31,7 +32,7 @@ class WorkerConfig(FederationSettings):
 
     party_id: int | Literal["auto"] = 0
     num_parties: int = Field(default=2, ge=1)
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition: Scheme = "iid"
     alpha: float = Field(default=0.5, gt=0)
     shards_per_party: int = Field(default=2, ge=1)
     heartbeat_seconds: float = Field(default=5.0, gt=0)

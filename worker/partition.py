@@ -25,13 +25,15 @@ Schemes:
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 
 from messages.errors import ConfigError, DataError
 from messages.types import NDArray
 
-SCHEMES = ("iid", "dirichlet", "shards")
+Scheme = Literal["iid", "dirichlet", "shards"]
+SCHEMES: tuple[str, ...] = get_args(Scheme)
 MAX_DIRICHLET_ATTEMPTS = 1000
 """Redraws before giving up; each is one pass over the labels, so this bounds the cost."""
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from messages.daemon.allocator import keep_large_buffers
-from messages.daemon.plugins import load_dataset
+from messages.daemon.plugins import check_data_plugin, load_dataset
 from messages.errors import (
     ConnectionLost,
     FederationError,
@@ -99,7 +99,9 @@ class Worker(BackgroundService):
         self._announced: int | None = None  # a model version too big for the model queue
         self._next_beat = 0.0
         self._settings: Settings = {}
-        # Key files are read here so that a bad path stops the daemon before it connects.
+        # The data plug-in's signature and the key files are checked here, so that a bad
+        # plug-in or path stops the daemon before it connects.
+        check_data_plugin(config.data)
         self._signer: Signer | None = (load_signer(config.signing_key, config.party)
                                        if config.signing_key else None)
         self._trust: Keyring | None = (aggregator_keyring(config.aggregator_key)
@@ -129,11 +131,13 @@ class Worker(BackgroundService):
         cfg = self.config
         if cfg.metrics_port is not None:
             self.metrics = WorkerMetrics(cfg.metrics_port)
+        self.metrics.stale_after = cfg.liveness_seconds
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="train") as pool:
                 self._pool = pool
                 try:
-                    supervise(self._session, stop=self._stop, name=f"party {cfg.party}")
+                    supervise(self._session, stop=self._stop, name=f"party {cfg.party}",
+                              alive=self.metrics.tick)
                 finally:  # do not sit out a training round on the way out
                     if self._trainer is not None:
                         self._trainer.interrupted.set()
@@ -175,6 +179,7 @@ class Worker(BackgroundService):
                     self._trainer.interrupted.set()
             broker.consume(queue, self._on_model, auto_ack=True)
             connected()
+            self.metrics.set_ready(True)
             if self._join(broker) is None:
                 return
             self._loop(broker)
@@ -182,6 +187,8 @@ class Worker(BackgroundService):
                 self._send(broker, self.topology.control,
                            encode(Leave(self.config.party, self.stats.stopped_by)))
         finally:
+            self.metrics.set_ready(False, "stopped" if self._stop.is_set() else
+                                   "not connected to the broker: reconnecting")
             broker.close()
 
     def _await_federation(self, broker: Broker) -> bool:
@@ -191,7 +198,10 @@ class Worker(BackgroundService):
             return True
         log.info("party %s: federation %r is not on the broker yet; waiting for its "
                  "aggregator", self.config.party, self.config.federation)
+        self.metrics.set_ready(False, f"federation {self.config.federation!r} is not on the "
+                                      "broker yet: waiting for its aggregator")
         while not self._stop.is_set():
+            self.metrics.tick()
             broker.process_events(0.5)
             if self.topology.ready(broker):
                 return True
@@ -230,6 +240,7 @@ class Worker(BackgroundService):
         assert self._pool is not None
         job = self._pool.submit(fn, *args)
         while not job.done():
+            self.metrics.tick()
             broker.process_events(0.1)
         return job.result()
 
@@ -247,6 +258,7 @@ class Worker(BackgroundService):
         # rolled back) so a welcome sent before a broadcast cannot hide that broadcast.
         self._latest = self._announced = None
         while not self._stop.is_set():
+            self.metrics.tick()
             try:
                 reply = self._ask(broker, join, "welcome")
             except RpcTimeout:
@@ -281,6 +293,7 @@ class Worker(BackgroundService):
         trainer = self._trainer
         self._next_beat = time.monotonic()
         while not self._stop.is_set():
+            self.metrics.tick()  # /livez: the loop goes round
             s = self._settings
             if self._rejoin and self._training is None:
                 self._rejoin = False
@@ -412,6 +425,7 @@ class Worker(BackgroundService):
 
     def _heartbeat(self, broker: Broker) -> None:
         """Renew the lease when it is due (called from every waiting loop)."""
+        self.metrics.tick()
         now = time.monotonic()
         if now < self._next_beat:
             return

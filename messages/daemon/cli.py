@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from messages.daemon.settings import ENV_PREFIX, DaemonSettings, FederationSettings
 from messages.errors import FederationError
+from messages.transport.topology import QUEUE_TYPES
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,7 +58,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="MODULE:FUNC",
                    help="data plug-in returning x_train, y_train, x_test, y_test "
                         "(built-ins: worker.data:load_mnist, load_synthetic)")
-    g.add_argument("--queue-type", choices=("quorum", "classic"),
+    g.add_argument("--queue-type", choices=QUEUE_TYPES,
                    help="RabbitMQ queue type of the shared queues")
     g.add_argument("--updates-max-length", type=int, metavar="N",
                    help="bound the updates queue (reject-publish: parties back off and retry); "
@@ -92,7 +93,11 @@ def add_daemon_options(parser: argparse.ArgumentParser) -> None:
                    help=f"TOML file of settings (option names with underscores); flags and "
                         f"{ENV_PREFIX}* environment variables override it")
     g.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics")
+                   help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics, and health "
+                        "checks at /livez (the service loop ticks) and /readyz (connected "
+                        "to the broker and consuming)")
+    g.add_argument("--liveness-seconds", type=float, metavar="S",
+                   help="/livez fails once the service loop has not ticked for S seconds")
     g.add_argument("--ledger", metavar="FILE",
                    help="audit trail of (party, seq) for exactly-once checks")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -25,7 +25,7 @@ from pydantic_settings import (
 
 from messages.errors import ConfigError
 from messages.transport.broker import check_broker_url, mask_url
-from messages.transport.topology import check_name
+from messages.transport.topology import QueueType, check_name
 from messages.wire.chunks import (
     DEFAULT_CHUNK_TIMEOUT,
     DEFAULT_MAX_CHUNK_BYTES,
@@ -141,7 +141,8 @@ class FederationSettings(DaemonSettings):
     seed: int = 0
     ledger: str | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    queue_type: Literal["quorum", "classic"] = "quorum"
+    liveness_seconds: float = Field(default=30.0, gt=0)  # /livez: loop ticked within
+    queue_type: QueueType = "quorum"
     updates_max_length: int | None = Field(default=None, ge=1)
     max_message_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1024)
     # bodies over max_chunk_bytes travel in chunks (messages.wire.chunks): keep it under the

@@ -29,20 +29,28 @@ Session = Callable[[Callable[[], None]], None]
 """A session takes ``connected``, which it calls once its connection and topology are up."""
 
 
-def _interruptible(stop: threading.Event) -> Callable[[float], None]:
-    """A sleep that ends early when the daemon is told to stop."""
+def _interruptible(stop: threading.Event, alive: Callable[[], None] | None = None
+                   ) -> Callable[[float], None]:
+    """A sleep that ends early when the daemon is told to stop (and that says, through
+    ``alive``, that the daemon is waiting on purpose: a backoff is not a wedged loop)."""
 
     def sleep(seconds: float) -> None:
-        stop.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while alive is not None and not stop.is_set() and time.monotonic() < deadline:
+            alive()
+            stop.wait(min(0.5, deadline - time.monotonic()))
+        stop.wait(max(deadline - time.monotonic(), 0.0))
 
     return sleep
 
 
 def supervise(session: Session, *, stop: threading.Event, name: str, initial: float = 0.5,
-              cap: float = 5.0, healthy_after: float = 30.0) -> None:
+              cap: float = 5.0, healthy_after: float = 30.0,
+              alive: Callable[[], None] | None = None) -> None:
     """Run ``session`` until it returns or ``stop`` is set, reconnecting as described above.
 
     Logs each loss, each wait and, on recovery, how long the daemon was disconnected.
+    ``alive`` is called while waiting between attempts (the daemon's liveness tick).
     """
     lost_at: list[float] = []
     connected_at: list[float] = []
@@ -79,7 +87,7 @@ def supervise(session: Session, *, stop: threading.Event, name: str, initial: fl
             retry=retry_if_exception_type(ConnectionLost),
             wait=wait_exponential(multiplier=initial, min=initial, max=cap),
             stop=lambda _state: stop.is_set(),
-            sleep=_interruptible(stop),
+            sleep=_interruptible(stop, alive),
             before_sleep=before_sleep,
             reraise=True,
         )

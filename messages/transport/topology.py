@@ -32,7 +32,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from messages.errors import ConfigError
 from messages.transport.broker import Broker, Delivery
@@ -47,7 +47,8 @@ from messages.wire.deadletters import (
     party_of,
 )
 
-QUEUE_TYPES = ("quorum", "classic")
+QueueType = Literal["quorum", "classic"]
+QUEUE_TYPES: tuple[str, ...] = get_args(QueueType)
 DEFAULT_DELIVERY_LIMIT = 5
 """Deliveries of one message to the aggregator before the broker dead-letters it: enough
 for the crashes and restarts of an ordinary bad day (each returns the window's messages once),

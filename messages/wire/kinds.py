@@ -116,8 +116,9 @@ class Stop:
 class Query:
     """An operator's question to the aggregator (RPC on ``F.control``).
 
-    ``what`` is ``"status"`` (answered with a ``Report``) or ``"model"`` (answered with the
-    current ``Model``, for exporting it from any host).
+    ``what`` is ``"status"`` (answered with a ``Report``), ``"model"`` (answered with the
+    current ``Model``, for exporting it from any host) or ``"start"`` (release model version
+    0 now, answered with a ``Report``; with ``--keys`` it must be signed by a known key).
     """
 
     KIND: ClassVar[str] = "query"
