@@ -19,6 +19,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from messages.wire.kinds import Update
+
 log = logging.getLogger("dfl.aggregator")
 
 
@@ -48,6 +50,13 @@ class DeliveryEvent:
 
 
 Observer = Callable[[DeliveryEvent], None]
+
+UpdateStage = Callable[[Update], None]
+"""A check of an update after it was decoded, validated against the federation and found
+fresh, before the strategy folds it in (``Aggregator.update_stages``, run in order). To
+refuse the update it raises ``InvalidMessage(reason, detail)``: the boundary dead-letters it
+with that reason. It must not change any state (a later stage may still refuse the update)
+and must not touch the broker; any other exception is an ``internal-error``."""
 
 
 class Observers:

@@ -34,7 +34,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
-from aggregator.outcomes import DeliveryEvent, Ending, Observers
+from aggregator.outcomes import DeliveryEvent, Ending, Observers, UpdateStage
 from aggregator.report import Status, status_report
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
@@ -98,6 +98,8 @@ class Aggregator(BackgroundService):
         self.membership = Membership(config.lease_seconds)
         self.admission = Admission(config.max_parties, config.join_rate)
         self.observers = Observers()
+        self.update_stages: list[UpdateStage] = []
+        """Checks of a valid, fresh update before the strategy sees it (``UpdateStage``)."""
         self.observers.add(self._account)
         self._crash_party = os.environ.get(CRASH_HOOK)
         self._keyring: Keyring | None = None
@@ -646,6 +648,8 @@ class Aggregator(BackgroundService):
             assert isinstance(message, Update)
             return DeliveryEvent(Ending.DUPLICATE, d.queue, "update", message.party,
                                  message.seq)
+        for stage in self.update_stages:  # may refuse it; none may change state
+            stage(update)
         staleness = self.status.version - update.base_version
         try:
             outcome = self.strategy.offer(self.weights, Contribution(

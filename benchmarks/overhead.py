@@ -52,9 +52,10 @@ from messages.transport.connect import connect
 from messages.types import NDArrays
 from messages.wire.kinds import Message, Update
 from worker import Worker, WorkerConfig
+from worker.trainers import build_trainer
 
 if TYPE_CHECKING:
-    from worker.training import LocalTrainer
+    from worker.trainers import Trainer
 
 Interval = tuple[float, float]
 
@@ -74,7 +75,7 @@ class TimedTrainer:
     """The worker's :class:`~worker.training.LocalTrainer`, timed: each ``train()`` and the
     Keras ``fit`` inside it. Everything else is the real trainer's."""
 
-    def __init__(self, inner: LocalTrainer, record: Record) -> None:
+    def __init__(self, inner: Trainer, record: Record) -> None:
         self.inner = inner
         self.record = record
         fit = inner.model.fit
@@ -107,11 +108,9 @@ class TimedWorker(Worker):
     (publish until the broker's confirm) are timed."""
 
     def __init__(self, config: WorkerConfig, record: Record) -> None:
-        super().__init__(config)
+        super().__init__(config, trainer_factory=lambda cfg, pid: TimedTrainer(
+            build_trainer(cfg, pid), record))
         self.record = record
-
-    def _build_trainer(self, party_id: int) -> LocalTrainer:
-        return TimedTrainer(super()._build_trainer(party_id), self.record)  # type: ignore[return-value]
 
     def _send(self, broker: Broker, queue: str, body: bytes, *, update: bool = False) -> None:
         began = time.perf_counter()

@@ -37,9 +37,10 @@ from aggregator import AggregatorConfig
 from deploy.launcher import run_federation
 from messages.types import NDArrays
 from worker import Worker, WorkerConfig
+from worker.trainers import build_trainer
 
 if TYPE_CHECKING:
-    from worker.training import LocalTrainer
+    from worker.trainers import Trainer
 
 
 class NormRecorder:
@@ -47,7 +48,7 @@ class NormRecorder:
     tensors) of every clean delta before the worker clips and noises it; nothing else
     changes."""
 
-    def __init__(self, honest: LocalTrainer, norms: list[float]) -> None:
+    def __init__(self, honest: Trainer, norms: list[float]) -> None:
         self.honest = honest
         self.norms = norms
 
@@ -66,11 +67,9 @@ class NormRecorder:
 
 class RecordingWorker(Worker):
     def __init__(self, config: WorkerConfig, norms: list[float]) -> None:
-        super().__init__(config)
+        super().__init__(config, trainer_factory=lambda cfg, pid: NormRecorder(
+            build_trainer(cfg, pid), norms))
         self.norms = norms
-
-    def _build_trainer(self, party_id: int) -> LocalTrainer:
-        return NormRecorder(super()._build_trainer(party_id), self.norms)  # type: ignore[return-value]
 
 
 def run(args: argparse.Namespace, clip: float | None, sigma: float) -> dict[str, Any]:

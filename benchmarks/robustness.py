@@ -32,9 +32,10 @@ from aggregator import AggregatorConfig
 from deploy.launcher import run_federation
 from messages.types import NDArrays
 from worker import Worker, WorkerConfig
+from worker.trainers import build_trainer
 
 if TYPE_CHECKING:
-    from worker.training import LocalTrainer
+    from worker.trainers import Trainer
 
 MALICIOUS_PARTY = 0
 
@@ -44,7 +45,7 @@ class ScaledTrainer:
     honest delta: the attack. Everything else (the model, ``interrupted``, ``initial``) is
     the honest trainer's, so the worker cannot tell the difference."""
 
-    def __init__(self, honest: LocalTrainer, factor: float) -> None:
+    def __init__(self, honest: Trainer, factor: float) -> None:
         self.honest = honest
         self.factor = factor
 
@@ -65,11 +66,9 @@ class MaliciousWorker(Worker):
     (it joins, heartbeats, signs its sequence numbers), only the deltas lie."""
 
     def __init__(self, config: WorkerConfig, factor: float) -> None:
-        super().__init__(config)
+        super().__init__(config, trainer_factory=lambda cfg, pid: ScaledTrainer(
+            build_trainer(cfg, pid), factor))
         self.factor = factor
-
-    def _build_trainer(self, party_id: int) -> LocalTrainer:
-        return ScaledTrainer(super()._build_trainer(party_id), self.factor)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from messages.daemon.allocator import keep_large_buffers
-from messages.daemon.plugins import check_data_plugin, load_dataset
+from messages.daemon.plugins import check_data_plugin
 from messages.errors import (
     ConnectionLost,
     FederationError,
@@ -47,19 +45,14 @@ from messages.types import NDArrays, Settings
 from messages.wire.codec import SCHEMA_VERSION, decode, encode
 from messages.wire.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
 from messages.wire.signing import Keyring, Signer, aggregator_keyring, load_signer
-from worker.compression import DeltaCompressor
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
-from worker.partition import partition_indices
-
-if TYPE_CHECKING:
-    from worker.privacy import PrivacyFilter
-    from worker.training import LocalTrainer
+from worker.pipeline import DeltaStage, Outgoing, PrivacyStage, stages_for
+from worker.trainers import Trainer, TrainerFactory, TrainResult, build_trainer
 
 log = logging.getLogger("dfl.worker")
 SOFTWARE = f"dfl/{metadata.version('deep-federated-learning')} schema/{SCHEMA_VERSION}"
 """What a party declares in its join: the framework release and the wire schema."""
-TrainResult = tuple[NDArrays, dict[str, float]] | None
 
 
 @dataclass(slots=True)
@@ -78,7 +71,11 @@ class WorkerStats:
 class Worker(BackgroundService):
     """One party. ``run()`` blocks until stopped; ``start()`` runs it on a thread."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, *, trainer_factory: TrainerFactory = build_trainer,
+                 delta_stages: list[DeltaStage] | None = None) -> None:
+        """``trainer_factory(config, party_id)`` builds the local trainer
+        (``worker.trainers``); ``delta_stages`` replaces the delta pipeline the settings ask
+        for (``worker.pipeline``)."""
         super().__init__()
         self.thread_name = f"party-{config.party}"
         self.config = config
@@ -88,7 +85,8 @@ class Worker(BackgroundService):
         self.metrics = WorkerMetrics()
         self._stop = threading.Event()
         self._latest: Model | None = None
-        self._trainer: LocalTrainer | None = None
+        self._trainer: Trainer | None = None
+        self._trainer_factory = trainer_factory
         self._pool: ThreadPoolExecutor | None = None
         self._training: tuple[int, Future[TrainResult]] | None = None  # base version, job
         self._pending: tuple[int, bytes] | None = None  # seq, encoded update to confirm
@@ -106,15 +104,11 @@ class Worker(BackgroundService):
                                        if config.signing_key else None)
         self._trust: Keyring | None = (aggregator_keyring(config.aggregator_key)
                                        if config.aggregator_key else None)
-        self._privacy: PrivacyFilter | None = None
-        if config.dp_clip is not None:
-            from worker.privacy import PrivacyFilter  # dp-accounting only when asked for
-
-            # unseeded on purpose: noise derived from --seed could be regenerated and removed
-            self._privacy = PrivacyFilter(config.dp_clip, config.dp_noise, config.dp_delta)
-        # lossy encodings keep what they dropped for the next update (error feedback)
-        self._compressor = (DeltaCompressor(config.encoding, config.topk_fraction)
-                            if config.encoding != "float32" else None)
+        # privacy, then compression (which must see privatised deltas only), then whatever
+        # a caller adds: the settings are checked here, before anything connects
+        self.delta_stages = stages_for(config) if delta_stages is None else delta_stages
+        self._privacy = next((s.privacy for s in self.delta_stages
+                              if isinstance(s, PrivacyStage)), None)
 
     # -- public API ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -150,20 +144,6 @@ class Worker(BackgroundService):
                  self.stats.updates_sent, self.stats.stopped_by)
         return self.stats
 
-    def _build_trainer(self, party_id: int) -> LocalTrainer:
-        from worker.training import LocalTrainer  # imports Keras: only where training happens
-
-        cfg = self.config
-        data = load_dataset(cfg.data, cfg.data_dir)
-        shard = partition_indices(data.y_train, cfg.num_parties, cfg.partition, alpha=cfg.alpha,
-                                  shards_per_party=cfg.shards_per_party,
-                                  seed=cfg.seed)[party_id]
-        log.info("party %d: %d training samples (%s partition)", party_id, len(shard),
-                 cfg.partition)
-        return LocalTrainer(cfg.model, data.x_train[shard], data.y_train[shard],
-                            seed=cfg.seed + party_id, slowdown=cfg.slowdown,
-                            slowdown_sigma=cfg.slowdown_sigma)
-
     def _session(self, connected: Callable[[], None]) -> None:
         cfg = self.config
         broker = connect(cfg.broker)
@@ -174,7 +154,8 @@ class Worker(BackgroundService):
             # big updates and joins go out in chunks; big welcomes and models come in chunks
             broker = chunked(broker, self.config, sender=self.config.party)
             if self._trainer is None:
-                self._trainer = self._serviced(broker, self._build_trainer, self.config.party_id)
+                self._trainer = self._serviced(broker, self._trainer_factory, self.config,
+                                               self.config.party_id)
                 if self._stop.is_set():
                     self._trainer.interrupted.set()
             broker.consume(queue, self._on_model, auto_ack=True)
@@ -234,8 +215,8 @@ class Worker(BackgroundService):
         raise FederationError(f"party {cfg.party_id} is already active from another "
                               "connection; give this one another --party-id")
 
-    def _serviced(self, broker: Broker, fn: Callable[..., LocalTrainer], *args: object
-                  ) -> LocalTrainer:
+    def _serviced(self, broker: Broker, fn: Callable[..., Trainer], *args: object
+                  ) -> Trainer:
         """Run ``fn`` on the training thread while this thread keeps the connection alive."""
         assert self._pool is not None
         job = self._pool.submit(fn, *args)
@@ -314,20 +295,17 @@ class Worker(BackgroundService):
                 if result is None:  # interrupted by stop
                     break
                 delta, metrics = result
-                if self._privacy is not None:
-                    delta = self._privacy.apply(delta)
-                    self.stats.epsilon = self._privacy.epsilon
-                    if math.isfinite(self.stats.epsilon):
-                        metrics["epsilon"] = self.stats.epsilon
-                        self.metrics.epsilon.set(self.stats.epsilon)
                 self.metrics.train_seconds.observe(metrics["train_seconds"])
-                tensors = dict(zip(trainer.names, delta, strict=True))
-                packed = None
-                if self._compressor is not None:  # after privacy: sees privatised deltas only
-                    packed, tensors = self._compressor.compress(tensors)
+                out = Outgoing(dict(zip(trainer.names, delta, strict=True)), metrics)
+                for stage in self.delta_stages:
+                    out = stage(out)
+                if self._privacy is not None:
+                    self.stats.epsilon = self._privacy.epsilon
+                    if "epsilon" in out.metrics:
+                        self.metrics.epsilon.set(out.metrics["epsilon"])
                 update = Update(self.config.party, self._next_seq, base_version,
-                                len(trainer.y), tensors, metrics, self.config.encoding)
-                self._pending = (self._next_seq, encode(update, packed=packed))
+                                len(trainer.y), out.tensors, out.metrics, self.config.encoding)
+                self._pending = (self._next_seq, encode(update, packed=out.packed))
                 self._next_seq += 1
                 continue
             if self._announced is not None:

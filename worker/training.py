@@ -35,14 +35,10 @@ class _Interrupt(keras.callbacks.Callback):  # type: ignore[misc]
 class LocalTrainer:
     """A party's Keras model and shard; ``train`` turns a global model into a delta."""
 
-    def __init__(self, model_plugin: str, x: NDArray, y: NDArray, seed: int,
-                 slowdown: float = 1.0, slowdown_sigma: float = 0.0) -> None:
+    def __init__(self, model_plugin: str, x: NDArray, y: NDArray, seed: int) -> None:
         self.model = build_model(model_plugin, seed)
         self.names = [w.path for w in self.model.weights]
         self.x, self.y = x, y
-        self.slowdown = slowdown
-        self.slowdown_sigma = slowdown_sigma
-        self._delays = np.random.default_rng([seed, 1])  # apart from the data order
         self.interrupted = threading.Event()
         self._interrupt = _Interrupt(self.interrupted)
         self._rng = np.random.default_rng(seed)
@@ -69,12 +65,8 @@ class LocalTrainer:
         """Train ``steps`` minibatches from ``base``; the delta and local metrics.
 
         Returns None when interrupted (the partial work is dropped: a delta must cover the
-        whole round it claims). With ``slowdown`` s > 1 it then sleeps (s - 1) times the
-        measured training time, to simulate a slower party fairly on a shared CPU: sleeping
-        takes no CPU, so the other parties are not slowed by the simulation. With
-        ``slowdown_sigma`` > 0 each round's s is drawn anew, lognormal with median
-        ``slowdown`` and that shape (at least 1): heavy-tailed stragglers that change from
-        round to round. (Per-step draws would average out over a round's many steps.)
+        whole round it claims). A simulated slower party is a wrapper
+        (``worker.trainers.Slowed``), not part of this trainer.
         """
         started = time.perf_counter()
         self.model.set_weights(base)
@@ -87,12 +79,6 @@ class LocalTrainer:
         delta = [np.subtract(new, old, dtype=np.float32)
                  for new, old in zip(self.model.get_weights(), base, strict=True)]
         spent = time.perf_counter() - started
-        factor = self.slowdown
-        if self.slowdown_sigma > 0:
-            factor = max(1.0, factor * float(np.exp(self.slowdown_sigma
-                                                    * self._delays.standard_normal())))
-        if factor > 1 and self.interrupted.wait((factor - 1) * spent):
-            return None
         metrics = {k: float(v[-1]) for k, v in history.history.items()}
         metrics["train_seconds"] = spent
         return delta, metrics
