@@ -26,6 +26,7 @@ from aggregator.robust import (
 from aggregator.staleness import make_staleness
 from aggregator.strategies import (
     AGGREGATIONS,
+    Clipped,
     Contribution,
     FedAsync,
     FedBuff,
@@ -204,7 +205,7 @@ def test_a_norm_bound_must_be_a_finite_positive_number(bound: float) -> None:
 
 def test_fedasync_clips_each_delta_to_the_bound_before_mixing_it_in() -> None:
     weights = [np.zeros(2, np.float32)]
-    strategy = FedAsync(CONSTANT, alpha=0.5, max_update_norm=1.0)
+    strategy = Clipped(FedAsync(CONSTANT, alpha=0.5), 1.0)
     assert strategy.offer(weights, contrib("a", 3.0, 4.0)) is Outcome.APPLIED  # norm 5 -> 1
     assert_weights(weights, 0.3, 0.4)
     strategy.offer(weights, contrib("b", 0.2, 0.0))  # within the bound: as without one
@@ -214,7 +215,7 @@ def test_fedasync_clips_each_delta_to_the_bound_before_mixing_it_in() -> None:
 @pytest.mark.parametrize("bound", [0.0, -2.0, float("inf"), float("nan"), True])
 def test_fedasync_refuses_a_bad_norm_bound(bound: float) -> None:
     with pytest.raises(ConfigError, match="max_update_norm must be a finite number > 0"):
-        FedAsync(CONSTANT, max_update_norm=bound)
+        Clipped(FedAsync(CONSTANT), bound)
 
 
 # --- FedBuff's robust modes --------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_fedbuff_robust_modes_discard_a_contribution_whose_staleness_weight_unde
 
 def test_fedbuff_mean_folds_the_norm_bound_into_each_deltas_multiply() -> None:
     weights = [np.zeros(2, np.float32)]
-    strategy = FedBuff(CONSTANT, k=2, max_update_norm=1.0)
+    strategy = Clipped(FedBuff(CONSTANT, k=2), 1.0)
     strategy.offer(weights, contrib("a", 3.0, 4.0, n=1))  # clipped to [0.6, 0.8]
     strategy.offer(weights, contrib("b", 0.0, 0.5, n=3))  # within the bound
     assert_weights(weights, 0.15, 0.575)  # (1 * [0.6, 0.8] + 3 * [0, 0.5]) / 4
@@ -257,7 +258,7 @@ def test_fedbuff_mean_folds_the_norm_bound_into_each_deltas_multiply() -> None:
 
 def test_fedbuff_median_keeps_a_clipped_copy_and_leaves_the_offered_delta_alone() -> None:
     weights = [np.zeros(1, np.float32)]
-    strategy = FedBuff(CONSTANT, k=3, aggregation="median", max_update_norm=2.0)
+    strategy = Clipped(FedBuff(CONSTANT, k=3, aggregation="median"), 2.0)
     big = contrib("evil", 1000.0)
     for c in (contrib("a", 1.0), big, contrib("b", -1.0)):
         strategy.offer(weights, c)
@@ -344,7 +345,6 @@ def test_a_snapshot_from_before_the_robust_modes_still_loads() -> None:
     ({"aggregation": "trimmed-mean", "k": 4, "trim_fraction": 0.2},
      r"trims nothing \(floor\(0.2 \* 4\) = 0\): use a trim fraction of at least 0.25"),
     ({"trim_fraction": 0.5}, r"trim fraction must be a number in \[0, 0.5\)"),
-    ({"max_update_norm": 0.0}, "max_update_norm must be a finite number > 0"),
 ])
 def test_fedbuff_refuses_options_that_cannot_work_or_would_not_protect(
         options: dict[str, object], message: str) -> None:
@@ -356,11 +356,14 @@ def test_make_strategy_passes_the_robust_options_and_refuses_them_where_unused()
     common = {"staleness": CONSTANT, "alpha": 0.5, "k": 5, "eta": 1.0}
     fedbuff = make_strategy("fedbuff", **common, aggregation="trimmed-mean",
                             trim_fraction=0.2, max_update_norm=3.0)
-    assert isinstance(fedbuff, FedBuff)
+    assert isinstance(fedbuff, Clipped) and isinstance(fedbuff.inner, FedBuff)
     assert (fedbuff.aggregation, fedbuff.trim_fraction, fedbuff.max_update_norm) == (
         "trimmed-mean", 0.2, 3.0)
+    with pytest.raises(ConfigError, match="max_update_norm must be a finite number > 0"):
+        Clipped(FedBuff(CONSTANT, k=4), 0.0)
     fedasync = make_strategy("fedasync", **common, max_update_norm=2.0)
-    assert isinstance(fedasync, FedAsync) and fedasync.max_update_norm == 2.0
+    assert isinstance(fedasync, Clipped) and isinstance(fedasync.inner, FedAsync)
+    assert fedasync.max_update_norm == 2.0
     for name in ("fedasync", "fedavg"):
         with pytest.raises(ConfigError, match="aggregation 'median' needs strategy fedbuff"):
             make_strategy(name, **common, aggregation="median")
@@ -400,12 +403,13 @@ def test_the_flags_reach_the_aggregators_strategy() -> None:
                                     "--aggregation", "trimmed-mean", "--trim-fraction", "0.25",
                                     "--max-update-norm", "2.5", "--no-eval"])
     strategy = Aggregator(AggregatorConfig.load(flags_for(ns, AggregatorConfig))).strategy
-    assert isinstance(strategy, FedBuff)
+    assert isinstance(strategy, Clipped) and isinstance(strategy.inner, FedBuff)
     assert (strategy.aggregation, strategy.trim_fraction, strategy.max_update_norm, strategy.k
             ) == ("trimmed-mean", 0.25, 2.5, 4)
     ns = build_parser().parse_args(["--max-update-norm", "0.5", "--no-eval"])
     fedasync = Aggregator(AggregatorConfig.load(flags_for(ns, AggregatorConfig))).strategy
-    assert isinstance(fedasync, FedAsync) and fedasync.max_update_norm == 0.5
+    assert isinstance(fedasync, Clipped) and isinstance(fedasync.inner, FedAsync)
+    assert fedasync.max_update_norm == 0.5
 
 
 # --- one malicious party in a simulated federation ---------------------------------------------
@@ -475,7 +479,7 @@ def federate(kind: str, factor: float | None) -> tuple[float, float]:
         "fedbuff-trimmed": lambda: FedBuff(CONSTANT, k=PARTIES, aggregation="trimmed-mean",
                                            trim_fraction=0.2),
         "fedasync": lambda: FedAsync(CONSTANT, alpha=0.6),
-        "fedasync-bounded": lambda: FedAsync(CONSTANT, alpha=0.6, max_update_norm=NORM_BOUND),
+        "fedasync-bounded": lambda: Clipped(FedAsync(CONSTANT, alpha=0.6), NORM_BOUND),
     }[kind]()
     t = task()
     w = [np.zeros((FEATURES, CLASSES), np.float32), np.zeros(CLASSES, np.float32)]
