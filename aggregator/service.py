@@ -62,6 +62,7 @@ from messages.wire.signing import (
     check_signer,
     load_keyring,
     load_signer,
+    signature_headers,
 )
 
 log = logging.getLogger("dfl.aggregator")
@@ -481,7 +482,7 @@ class Aggregator(BackgroundService):
             self._handled(d)
             self._settled = d
             self._commit(force=True)
-            self._broker.reply(d, welcome, headers=self._signed(welcome))
+            self._broker.reply(d, welcome, headers=signature_headers(self._signer, welcome))
             return event
         if isinstance(msg, Heartbeat):
             self._heard_from(msg.party)
@@ -492,10 +493,10 @@ class Aggregator(BackgroundService):
                 log.warning("an unsigned start request refused (--keys is on)")
             answer = encode(Report(self._start_training() if signer is not None
                                    or self._keyring is None else {"error": UNSIGNED_START}))
-            self._broker.reply(d, answer, headers=self._signed(answer))
+            self._broker.reply(d, answer, headers=signature_headers(self._signer, answer))
         elif isinstance(msg, Query):
             answer = encode(self._answer(msg))
-            self._broker.reply(d, answer, headers=self._signed(answer))
+            self._broker.reply(d, answer, headers=signature_headers(self._signer, answer))
         elif isinstance(msg, Leave):
             log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
             if self.membership.leave(msg.party):
@@ -529,7 +530,7 @@ class Aggregator(BackgroundService):
         self._rejoin_asked[party] = now
         body = encode(Query("rejoin"))
         self._broker.publish("", self.topology.model_queue(party), body,
-                             headers=self._signed(body), persistent=False)
+                             headers=signature_headers(self._signer, body), persistent=False)
 
     def _announce_rejoin(self) -> None:
         """Ask every party to join again (at most every few seconds)."""
@@ -702,12 +703,9 @@ class Aggregator(BackgroundService):
     # -- authenticity ----------------------------------------------------------------------
     def _to_parties(self, broker: Broker, body: bytes) -> None:
         """Every party's model queue: models, announcements, stop and rejoin requests."""
-        broker.publish(self.topology.models, "", body, headers=self._signed(body),
-                       persistent=False)
+        broker.publish(self.topology.models, "", body,
+                       headers=signature_headers(self._signer, body), persistent=False)
 
-    def _signed(self, body: bytes) -> dict[str, str] | None:
-        """Signature headers for what the aggregator sends, when it has a key."""
-        return self._signer.headers(body) if self._signer is not None else None
 
     def _verified(self, d: Delivery, *, query_ok: bool = False) -> str | None:
         """The signer of a delivery, checked before its body is even decoded.

@@ -20,6 +20,9 @@ Scalar = bool | int | float | str
 Settings = dict[str, Scalar]
 """Training settings the aggregator hands to parties in its welcome."""
 
+Headers = dict[str, Any]
+"""An AMQP header table as a client decodes it (any value types: check before use)."""
+
 Document = dict[str, Any]
 """Plain data (maps, lists, strings, numbers) such as a status report."""
 

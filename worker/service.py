@@ -44,7 +44,13 @@ from messages.transport.topology import Topology
 from messages.types import NDArrays, Settings
 from messages.wire.codec import SCHEMA_VERSION, decode, encode
 from messages.wire.kinds import Heartbeat, Join, Leave, Message, Model, Query, Stop, Update, Welcome
-from messages.wire.signing import Keyring, Signer, aggregator_keyring, load_signer
+from messages.wire.signing import (
+    Keyring,
+    Signer,
+    aggregator_keyring,
+    load_signer,
+    signature_headers,
+)
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.pipeline import DeltaStage, Outgoing, PrivacyStage, stages_for
@@ -411,8 +417,6 @@ class Worker(BackgroundService):
         self._send(broker, self.topology.control, encode(Heartbeat(self.config.party, version)))
         self._next_beat = now + self.config.heartbeat_seconds
 
-    def _signed(self, body: bytes) -> dict[str, str] | None:
-        return self._signer.headers(body) if self._signer is not None else None
 
     def _send(self, broker: Broker, queue: str, body: bytes, *, update: bool = False) -> None:
         """Publish to the aggregator's ``queue``, signed when this party has a key.
@@ -420,8 +424,9 @@ class Worker(BackgroundService):
         Updates are persistent and mandatory (an unroutable update must not count as sent);
         heartbeats and leaves are fire-and-forget.
         """
-        broker.publish(self.topology.ingress, queue, body, headers=self._signed(body),
-                       persistent=update, mandatory=update)
+        broker.publish(self.topology.ingress, queue, body,
+                       headers=signature_headers(self._signer, body), persistent=update,
+                       mandatory=update)
 
     def _ask(self, broker: Broker, body: bytes, what: str) -> Message:
         """An RPC to the aggregator (signed when this party has a key), its answer decoded.
@@ -430,7 +435,8 @@ class Worker(BackgroundService):
         welcome or model from anyone else means the federation is not what it claims.
         """
         answer = broker.call(self.topology.control, body, timeout=self.config.join_timeout,
-                             headers=self._signed(body), exchange=self.topology.ingress)
+                             headers=signature_headers(self._signer, body),
+                             exchange=self.topology.ingress)
         if self._trust is not None:
             try:
                 self._trust.verify(answer.body, answer.headers)

@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, urlparse
 
 from messages.errors import ConfigError, RpcTimeout
 from messages.transport.tls import TLS_PARAMS, parse_options, split_url
+from messages.types import Headers
 
-Headers = dict[str, Any]
 Handler = Callable[["Delivery"], None]
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from messages.errors import InvalidMessage
+from messages.types import Headers
 from messages.wire.bounds import PARTY_ID
 
 CHUNK_ID = "x-dfl-chunk-id"
@@ -60,7 +61,6 @@ OWN_PREFIX = "x-dfl-"
 such as a quorum queue's ``x-delivery-count``, which may differ per chunk)."""
 
 T = TypeVar("T")
-Headers = dict[str, Any]
 
 
 def chunk_count(size: int, max_chunk_bytes: int) -> int:

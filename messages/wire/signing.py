@@ -219,3 +219,8 @@ def load_keyring(directory: str | Path, *, exclude: str = "") -> Keyring:
 def aggregator_keyring(path: str | Path) -> Keyring:
     """A worker's trust: the aggregator's public key alone."""
     return Keyring(public={AGGREGATOR: load_public_key(path)})
+
+
+def signature_headers(signer: Signer | None, body: bytes) -> dict[str, str] | None:
+    """The headers to publish ``body`` with: its signature, or ``None`` without a signer."""
+    return signer.headers(body) if signer is not None else None
