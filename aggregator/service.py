@@ -275,6 +275,13 @@ class Aggregator(BackgroundService):
         boundary = guard(handle, reject=self._dead_letter, notify=self.observers.notify)
 
         def handler(d: Delivery) -> None:
+            if self._stop.is_set():
+                # Finishing: leave it unacked; it goes back to its queue when the connection
+                # closes, for whoever serves the queue next. (Not nack-requeue: the broker
+                # would hand it straight back, and every round trip counts towards the
+                # delivery limit, so a stopping aggregator would dead-letter good updates.)
+                # Nothing handled after it may be acked, so nothing more is handled.
+                return
             self._settled = None
             event = boundary(d)
             if event.ending is not Ending.DEAD_LETTERED and self._settled is not d:
@@ -623,10 +630,6 @@ class Aggregator(BackgroundService):
         the strategy, the only stage that changes state; every stage before it may refuse
         the message (``InvalidMessage``) and changes nothing."""
         assert self._broker is not None
-        if self._stop.is_set():  # finishing: leave it for whoever serves the queue next
-            self._broker.nack(d, requeue=True)
-            self._settled = d
-            return DeliveryEvent(Ending.DUPLICATE, d.queue, "update", reason="requeued")
         cfg = self.config
         began = time.perf_counter()
         check_envelope(d)

@@ -526,3 +526,17 @@ def test_joins_past_max_parties_and_the_join_rate_are_refused(env: Env) -> None:
     assert slow.status.checkpoints <= 1 and len(slow.membership.parties) == 1
     slow.stop()
     slow.wait(10)
+
+
+def test_a_finishing_aggregator_leaves_later_updates_queued_not_dead_lettered(env: Env) -> None:
+    """Requeueing what arrives while it stops would hand each message straight back, and
+    every round trip counts towards the delivery limit: good updates would end in F.dead."""
+    agg = env.start(max_versions=1, min_parties=1, staleness="constant", max_staleness=100)
+    client = env.client()
+    client.join("a")
+    for seq in range(20):
+        client.update("a", seq, 0)
+    assert agg.wait(10)
+    client.b.process_events(0.5)
+    assert client.dead == []
+    client.pump(lambda: client.b.queue_depth(client.t.updates) == 19)
