@@ -15,6 +15,7 @@ overrides), a quarter of that on the control queue and on chunked messages.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -117,6 +118,7 @@ class Federation:
     seq: int = 0
     publisher: raw.RawPublisher | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    outages: list[str] = field(default_factory=list)  # the supervisor's reconnect lines
 
     def publish(self, queue: str, body: bytes, headers: bytes | None, **props: Any) -> str:
         if self.publisher is None or self.publisher.closed:
@@ -166,9 +168,17 @@ def fed(amqp_url: str) -> Iterator[Federation]:
     welcome = client.join("a")
     f = Federation(agg, client, topology, seq=welcome.next_seq - 1)
     agg.observers.add(f.events.append)
+
+    class Outages(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            f.outages.append(record.getMessage())
+
+    watch = Outages(logging.WARNING)
+    logging.getLogger("dfl.supervisor").addHandler(watch)
     client.pump(lambda: agg.version == 0)
     yield f
     print("fuzz outcomes:", dict(sorted(f.counts.items())))
+    logging.getLogger("dfl.supervisor").removeHandler(watch)
     agg.stop()
     agg.wait(10)
     if f.publisher is not None:
@@ -298,3 +308,4 @@ def test_the_fuzzer_saw_every_ending_and_valid_updates_applied(fed: Federation) 
     names = set(fed.counts)
     assert "applied" in names and any(n.startswith("dead-lettered:") for n in names), names
     assert "dead-lettered:bad-envelope" in names, names
+    assert fed.outages == []  # no message made the aggregator reconnect
