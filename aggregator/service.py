@@ -31,6 +31,7 @@ from aggregator.admission import Admission
 from aggregator.boundary import dead_lettered, guard
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
+from aggregator.durability import Durability
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
@@ -132,7 +133,6 @@ class Aggregator(BackgroundService):
         self._last_eval_version = -1
         self._last_eval_at = 0.0
         self._depth_at = 0.0
-        self._dirty = False  # state changed by something other than a delivery
         self._stop_sent = False
         self._broadcast_due = False
         self._broadcast_at = 0.0  # the earliest time of the next coalesced broadcast
@@ -140,15 +140,12 @@ class Aggregator(BackgroundService):
         self._rejoin_asked: dict[str, float] = {}  # party -> when it alone was asked
         self._probation: dict[str, str] = {}  # queue -> its consumer at prefetch 1 (_session)
         self._settled: Delivery | None = None  # a delivery its handler acked or requeued
-        # deliveries handled but not yet acked: acked together at the next commit
-        self._unacked: Delivery | None = None
-        self._uncommitted = 0
-        self._uncommitted_since = 0.0
         # At most half the prefetch window: the deliveries of a batch stay unacked until its
         # checkpoint, and the other half keeps the broker sending meanwhile (a batch as large
         # as the window stalled the consumer at every checkpoint: benchmarks/throughput.py).
-        self._commit_every = (min(config.checkpoint_every_updates, max(1, config.prefetch // 2))
-                              if self.store else 1)
+        self.durability = Durability(
+            self.store, min(config.checkpoint_every_updates, max(1, config.prefetch // 2))
+            if self.store else 1, self._snapshot)
 
     # -- public API ------------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
@@ -233,7 +230,7 @@ class Aggregator(BackgroundService):
             connect(cfg.broker), cfg,
             reject=lambda d, exc: self.observers.notify(
                 dead_lettered(d, exc.reason, exc.detail, self._dead_letter)))
-        self._unacked, self._uncommitted = None, 0  # tags of a dead channel mean nothing
+        self.durability.session(broker)
         try:
             self.topology.declare(broker)
             # Probation: each consumer starts with a window of one delivery, and every delivery
@@ -268,6 +265,7 @@ class Aggregator(BackgroundService):
             self.metrics.set_ready(False, "stopped" if self._stop.is_set() else
                                    "not connected to the broker: reconnecting")
             self._broker = None
+            self.durability.session(None)
             broker.close()
 
     def _guarded(self, handle: Any) -> Any:
@@ -313,8 +311,7 @@ class Aggregator(BackgroundService):
             self.metrics.queue_depth.set(self._broker.queue_depth(self.topology.updates))
             self.status.dead_letters = self._broker.queue_depth(self.topology.dead)
             self.metrics.dead_queue_depth.set(self.status.dead_letters)
-        if ((self._uncommitted or self._dirty) and time.monotonic() - self._uncommitted_since
-                >= cfg.checkpoint_every_seconds):
+        if self.durability.due(cfg.checkpoint_every_seconds):
             self._commit(force=True)
         self._drain_evaluations()
         if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
@@ -365,33 +362,13 @@ class Aggregator(BackgroundService):
     # -- durability ------------------------------------------------------------------------
     def _handled(self, d: Delivery) -> None:
         """``d``'s effect is in the in-memory state: ack it with the next commit."""
-        self._unacked = d
-        if self._uncommitted == 0:
-            self._uncommitted_since = time.monotonic()
-        self._uncommitted += 1
-        if self._uncommitted >= self._commit_every:
+        if self.durability.handled(d):
             self._commit()
 
     def _commit(self, force: bool = False) -> None:
-        """Checkpoint (when configured), then ack everything the checkpoint covers.
-
-        ``force`` also checkpoints changes no delivery caused (a version completed by a lease
-        expiry), so a restart never rolls back past what parties were already sent.
-        """
-        if self._unacked is None and not (force and self._dirty):
-            return
-        if self.store is not None:
-            try:
-                self.store.save(self._snapshot())
-            except (OSError, ValueError, TypeError) as exc:
-                raise StateError(f"cannot write a checkpoint to {self.config.checkpoint_dir}: "
-                                 f"{exc}; stopping (a restart resumes from the last one)"
-                                 ) from exc
+        """Checkpoint and ack what it covers (``aggregator.durability``)."""
+        if self.durability.commit(force):
             self.status.checkpoints += 1
-        self._dirty = False
-        if self._unacked is not None and self._broker is not None:
-            self._broker.ack(self._unacked, multiple=True)
-        self._unacked, self._uncommitted = None, 0
 
     def _snapshot(self) -> AggregatorState:
         s = self.status
@@ -607,7 +584,7 @@ class Aggregator(BackgroundService):
         if not self.membership.active or not self.weights:
             return {"error": "no party has joined yet: start the parties first"}
         self._release()
-        self._dirty = True  # released is on disk before anything else happens
+        self.durability.dirty = True  # released is on disk before anything else happens
         self._commit(force=True)
         return {"started": True, "version": self.status.version,
                 "parties": len(self.membership.active)}
@@ -747,9 +724,7 @@ class Aggregator(BackgroundService):
         self.topology.dead_letter(self._broker, d, reason, detail)
 
     def _new_version(self) -> None:
-        if not self._dirty and not self._uncommitted:
-            self._uncommitted_since = time.monotonic()
-        self._dirty = True
+        self.durability.changed()
         self.status.version += 1
         self.metrics.version.set(self.status.version)
         window = list(self._applied_times)
@@ -785,10 +760,5 @@ class Aggregator(BackgroundService):
             # parties fetch the model (in chunks, by RPC) when they are ready to train on it.
             tensors = {}
         body = encode(Model(self.status.version, tensors))
-        if self.store is not None:
-            try:
-                self.store.mark_broadcast(self.status.version)
-            except OSError as exc:
-                raise StateError(f"cannot record the broadcast version in "
-                                 f"{self.config.checkpoint_dir}: {exc}") from exc
+        self.durability.mark_broadcast(self.status.version)
         self._to_parties(self._broker, body)
