@@ -27,16 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.admission import Admission
 from aggregator.boundary import dead_lettered, guard
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
+from aggregator.control import ControlProtocol
 from aggregator.durability import Durability
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outcomes import DeliveryEvent, Ending, Observers, UpdateStage
-from aggregator.report import Status, status_report
+from aggregator.report import Status
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, Outcome, make_strategy
 from aggregator.validation import check_update
@@ -50,10 +50,9 @@ from messages.transport.envelope import check_envelope
 from messages.transport.supervisor import BackgroundService, supervise
 from messages.transport.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
-from messages.wire.bounds import MAX_INCARNATION, SEQ_RANGE
 from messages.wire.chunks import model_size_bound
 from messages.wire.codec import decode, encode
-from messages.wire.kinds import Heartbeat, Join, Leave, Model, Query, Report, Stop, Update, Welcome
+from messages.wire.kinds import Model, Stop, Update
 from messages.wire.signing import (
     AGGREGATOR,
     SIGNATURE_HEADER,
@@ -71,9 +70,7 @@ CRASH_HOOK = "DFL_TEST_CRASH_PARTY"
 """Test-only fault injection: an aggregator started with this variable set exits at once
 (``os._exit(70)``, as a crash would) when it reads an update of that party, so tests can show
 that the broker's delivery limit ends a crash loop. Nothing sets it outside tests."""
-UNSIGNED_START = ("start refused: this federation requires signatures (--keys), so a start "
-                  "request must be signed by a key in its key directory (dfl start "
-                  "--signing-key FILE)")
+
 
 
 class Aggregator(BackgroundService):
@@ -98,11 +95,11 @@ class Aggregator(BackgroundService):
                                       trim_fraction=config.trim_fraction,
                                       max_update_norm=config.max_update_norm)
         self.membership = Membership(config.lease_seconds)
-        self.admission = Admission(config.max_parties, config.join_rate)
         self.observers = Observers()
         self.update_stages: list[UpdateStage] = []
         """Checks of a valid, fresh update before the strategy sees it (``UpdateStage``)."""
         self.observers.add(self._account)
+        self.control = ControlProtocol(self)
         self._crash_party = os.environ.get(CRASH_HOOK)
         self._keyring: Keyring | None = None
         self._signer: Signer | None = None
@@ -136,8 +133,6 @@ class Aggregator(BackgroundService):
         self._stop_sent = False
         self._broadcast_due = False
         self._broadcast_at = 0.0  # the earliest time of the next coalesced broadcast
-        self._rejoin_asked_at = 0.0
-        self._rejoin_asked: dict[str, float] = {}  # party -> when it alone was asked
         self._probation: dict[str, str] = {}  # queue -> its consumer at prefetch 1 (_session)
         self._settled: Delivery | None = None  # a delivery its handler acked or requeued
         # At most half the prefetch window: the deliveries of a batch stay unacked until its
@@ -241,7 +236,7 @@ class Aggregator(BackgroundService):
             # innocent message out with it.
             self._probation = {
                 queue: broker.consume(queue, self._guarded(handle), prefetch=1)
-                for queue, handle in ((self.topology.control, self._handle_control),
+                for queue, handle in ((self.topology.control, self.control.handle),
                                       (self.topology.updates, self._handle_update))}
             connected()
             self.metrics.set_ready(True)
@@ -252,7 +247,7 @@ class Aggregator(BackgroundService):
                      else "waiting for a start request (dfl start)")
             # Parties that knew an earlier aggregator (a restart, a rollback to an older
             # checkpoint, no checkpoint at all) join again and take the model from the welcome.
-            self._announce_rejoin()
+            self.control.announce_rejoin()
             while not self._stop.is_set():
                 due = self._broadcast_at - time.monotonic() if self._broadcast_due else 0.2
                 broker.process_events(min(max(due, 0.0), 0.2))
@@ -441,133 +436,6 @@ class Aggregator(BackgroundService):
                 self._finish_with(f"target accuracy {target:g} reached "
                                   f"({record['accuracy']:.4f} at version {record['version']})")
 
-    # -- control: join / leave / heartbeat -------------------------------------------------
-    def _handle_control(self, d: Delivery) -> DeliveryEvent:
-        """One control message (join, leave, heartbeat, query); raises ``InvalidMessage``
-        (dead-lettered by the boundary) before it changes anything."""
-        assert self._broker is not None
-        check_envelope(d, replies=True)
-        signer = self._verified(d, query_ok=True)
-        msg = decode(d.body, self.config.max_message_bytes)
-        if self._keyring is not None:
-            if signer is None and not isinstance(msg, Query):
-                raise InvalidMessage("unsigned", f"an unsigned {msg.KIND} message")
-            if signer is not None and isinstance(msg, Join | Leave | Heartbeat):
-                check_signer(signer, msg.party)
-        event = DeliveryEvent(Ending.APPLIED, d.queue, msg.KIND, str(getattr(msg, "party", "")))
-        if isinstance(msg, Join):
-            # Joins cost a checkpoint and a full model each: new parties are admitted up to
-            # --max-parties, and all joins at --join-rate (a refused one is dead-lettered; a
-            # genuine party's join times out and is sent again).
-            self.admission.admit(msg.party, self.membership)
-            # The join is on disk before the party hears of it, so an update it sends
-            # next can never reach a restarted aggregator that does not know it.
-            welcome = encode(self._welcome(msg))
-            self._handled(d)
-            self._settled = d
-            self._commit(force=True)
-            self._broker.reply(d, welcome, headers=signature_headers(self._signer, welcome))
-            return event
-        if isinstance(msg, Heartbeat):
-            self._heard_from(msg.party)
-        elif isinstance(msg, Query) and msg.what == "start":
-            # unlike status and model queries it changes state: with --keys, only a holder
-            # of a key in the key directory (a party's, or an operator's) may start training
-            if signer is None and self._keyring is not None:
-                log.warning("an unsigned start request refused (--keys is on)")
-            answer = encode(Report(self._start_training() if signer is not None
-                                   or self._keyring is None else {"error": UNSIGNED_START}))
-            self._broker.reply(d, answer, headers=signature_headers(self._signer, answer))
-        elif isinstance(msg, Query):
-            answer = encode(self._answer(msg))
-            self._broker.reply(d, answer, headers=signature_headers(self._signer, answer))
-        elif isinstance(msg, Leave):
-            log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
-            if self.membership.leave(msg.party):
-                self._parties_changed()
-        else:
-            raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on control")
-        return event
-
-    def _heard_from(self, party: str) -> None:
-        """A heartbeat: renew the lease; an unknown party alone is asked to join again."""
-        if party not in self.membership.parties:
-            self._ask_to_rejoin(party)
-            return
-        was_active = self.membership.parties[party].active
-        self.membership.seen(party)
-        if not was_active:  # back from an expired lease: sync rounds count it again
-            self._parties_changed()
-
-    def _ask_to_rejoin(self, party: str) -> None:
-        """Ask ``party`` alone (its own model queue) to join again, at most every few seconds.
-
-        A party the aggregator does not know (it restarted from an older checkpoint, or lost
-        the party's lease) learns it this way; a made-up party id costs one small message to
-        a queue that does not exist, and disturbs no live party.
-        """
-        now = time.monotonic()
-        if self._broker is None or now - self._rejoin_asked.get(party, -1e9) < 5:
-            return
-        if len(self._rejoin_asked) >= 4 * self.config.max_parties:
-            self._rejoin_asked.clear()  # bounded: forgetting only allows one more ask
-        self._rejoin_asked[party] = now
-        body = encode(Query("rejoin"))
-        self._broker.publish("", self.topology.model_queue(party), body,
-                             headers=signature_headers(self._signer, body), persistent=False)
-
-    def _announce_rejoin(self) -> None:
-        """Ask every party to join again (at most every few seconds)."""
-        if self._broker is None or time.monotonic() - self._rejoin_asked_at < 5:
-            return
-        self._rejoin_asked_at = time.monotonic()
-        self._to_parties(self._broker, encode(Query("rejoin")))
-
-    def _answer(self, query: Query) -> Report | Model:
-        if query.what == "status":
-            return Report(status_report(self.config.federation, self.config.strategy,
-                                        self.status, self.membership,
-                                        time.monotonic() - self._started))
-        if query.what == "model" and self.weights:
-            return Model(self.status.version, dict(zip(self.names, self.weights, strict=True)))
-        if query.what == "model":
-            return Report({"error": "there is no model yet: no party has joined"})
-        return Report({"error": f"unknown query {query.what!r}: ask for status, model or start"})
-
-    def _welcome(self, join: Join) -> Welcome:
-        def refuse(reason: str) -> Welcome:
-            log.warning("party %s refused: %s", join.party, reason)
-            return Welcome(join.party, False, reason, self.status.version, -1, -1, {}, {})
-
-        if not self.weights:
-            if not join.tensors:
-                return refuse("no initial model: the first party must send its weights")
-            self._adopt_initial(join.tensors)
-        elif join.tensors and spec_of(join.tensors) != self.spec:
-            return refuse("model mismatch: the party's model has other tensor names, dtypes "
-                          "or shapes than the federation's (check --model)")
-        # a fresh seq range above both the previous range and any seq already applied
-        incarnation = max(self.incarnation.get(join.party, 0) + 1,
-                          self.last_seq.get(join.party, -1) // SEQ_RANGE + 1)
-        if incarnation > MAX_INCARNATION:
-            return refuse(f"joined {MAX_INCARNATION} times: no seq range left; "
-                          "remove and add the party again (dfl admin)")
-        self.incarnation[join.party] = incarnation
-        self.membership.join(join.party, join.num_samples, join.software)
-        log.info("party %s joined at version %d (%d samples); %d active", join.party,
-                 self.status.version, join.num_samples, len(self.membership.active))
-        if self.status.released:
-            self._parties_changed()
-        elif (self.config.start == "min-parties"
-              and len(self.membership.active) >= self.config.min_parties):
-            self._release()
-        tensors: Tensors = {}
-        if self.status.released:
-            tensors = dict(zip(self.names, self.weights, strict=True))
-        return Welcome(join.party, True, "", self.status.version,
-                       self.last_seq.get(join.party, -1), incarnation * SEQ_RANGE,
-                       self.config.settings(), tensors)
-
     def _release(self) -> None:
         """Model version 0 to every party: training starts (once, kept in checkpoints)."""
         self.status.released = True
@@ -623,7 +491,7 @@ class Aggregator(BackgroundService):
                                   max_abs=cfg.max_delta_abs)
         except InvalidMessage as exc:
             if exc.reason == "unknown-party" and isinstance(message, Update):
-                self._ask_to_rejoin(message.party)
+                self.control.ask_to_rejoin(message.party)
             raise
         if update is None:  # a replayed or redelivered (party, seq): already in the state
             assert isinstance(message, Update)

@@ -420,7 +420,7 @@ def test_report_documents_are_bounded() -> None:
 
 def test_what_the_aggregator_and_the_workers_send_decodes() -> None:
     from aggregator import AggregatorConfig
-    from aggregator.service import SEQ_RANGE
+    from aggregator.control import SEQ_RANGE
     from worker.service import SOFTWARE
 
     assert SEQ_RANGE == bounds.SEQ_RANGE

@@ -89,12 +89,18 @@ class FedBuff(Strategy):
         self._scratch: list[NDArray] | None = None
         self._weight_sum = 0.0
         self._parties: list[str] = []
-        self._kept: list[tuple[NDArrays, int, int]] = []  # robust modes: delta, n, staleness
+        # the robust modes keep the deltas themselves: a class of their own
+        self._robust = (RobustBuffer(aggregation, self.trim_fraction)
+                        if aggregation != "mean" else None)
 
     @property
     def count(self) -> int:
         """How many contributions are in the buffer now (0 .. k-1 between offers)."""
         return len(self._parties)
+
+    @property
+    def _kept(self) -> list[tuple[NDArrays, int, int]]:
+        return self._robust.kept if self._robust is not None else []
 
     @property
     def parties(self) -> tuple[str, ...]:
@@ -111,17 +117,15 @@ class FedBuff(Strategy):
         if self.aggregation == "mean":
             self._add_to_sum(weights, c.delta, weight, scale)
         else:
-            if self._kept:
-                _check_shapes(weights, self._kept[0][0], "buffered delta")  # never drop them
-            delta = c.delta if scale == 1.0 else [np.multiply(d, scale) for d in c.delta]
-            self._kept.append((delta, c.num_samples, c.staleness))
+            assert self._robust is not None
+            self._robust.add(weights, c)
         self._parties.append(c.party)
         if len(self._parties) < self.k:
             return Outcome.BUFFERED
-        if self.aggregation == "mean":
+        if self._robust is None:
             self._apply_sum(weights)
         else:
-            self._apply_robust(weights)
+            self._scratch = self._robust.apply(weights, self.eta, self._scratch)
         self._parties.clear()
         return Outcome.APPLIED
 
@@ -150,21 +154,6 @@ class FedBuff(Strategy):
             np.add(w, a, out=w)
             a.fill(0)
         self._weight_sum = 0.0
-
-    def _apply_robust(self, weights: NDArrays) -> None:
-        """Robust modes: ``w += eta * median`` (or trimmed mean) of the kept deltas."""
-        deltas = [d for d, _, _ in self._kept]
-        for d in deltas:  # a restored buffer was never checked against these weights
-            _check_shapes(weights, d, "buffered delta")
-        self._scratch = out = _buffers_like(self._scratch, weights)
-        if self.aggregation == "median":
-            robust.coordinate_median(deltas, out=out)
-        else:
-            robust.trimmed_mean(deltas, self.trim_fraction, out=out)
-        for w, r in zip(weights, out, strict=True):
-            np.multiply(r, self.eta, out=r)
-            np.add(w, r, out=w)
-        self._kept.clear()
 
     def state(self) -> dict[str, Any]:
         """``aggregation``, ``count`` and ``parties`` (arrival order); in mean mode the
@@ -221,7 +210,8 @@ class FedBuff(Strategy):
         self._acc = acc or None
         self._weight_sum = weight_sum
         self._parties = parties
-        self._kept = kept if self.aggregation != "mean" else []
+        if self._robust is not None:
+            self._robust.kept = kept
 
     def _sum_of(self, kept: list[tuple[NDArrays, int, int]]) -> tuple[list[NDArray], float]:
         """The running sum and weight sum mean mode would hold after ``kept``, in order."""
@@ -233,3 +223,40 @@ class FedBuff(Strategy):
                 np.add(a, np.multiply(d, weight, dtype=np.float32), out=a)
             total += weight
         return acc, total
+
+
+class RobustBuffer:
+    """FedBuff's robust modes: the buffer keeps the deltas themselves (references; they are
+    read-only), and a full buffer applies ``w += eta * median(d_1 .. d_k)`` or their trimmed
+    mean, coordinate by coordinate (``aggregator.robust``). Unweighted on purpose: a weight
+    would let a malicious party buy influence by claiming many samples."""
+
+    def __init__(self, aggregation: str, trim_fraction: float) -> None:
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.kept: list[tuple[NDArrays, int, int]] = []  # delta, num_samples, staleness
+
+    def add(self, weights: NDArrays, c: Contribution) -> None:
+        """Keep ``c``'s delta (a scaled copy when a stage set its ``scale``)."""
+        if self.kept:
+            _check_shapes(weights, self.kept[0][0], "buffered delta")  # never drop them
+        delta = c.delta if c.scale == 1.0 else [np.multiply(d, c.scale) for d in c.delta]
+        self.kept.append((delta, c.num_samples, c.staleness))
+
+    def apply(self, weights: NDArrays, eta: float, scratch: list[NDArray] | None
+              ) -> list[NDArray]:
+        """``w += eta * median`` (or trimmed mean) of the kept deltas; empty the buffer.
+        Returns the scratch buffers it used (reused on the next apply)."""
+        deltas = [d for d, _, _ in self.kept]
+        for d in deltas:  # a restored buffer was never checked against these weights
+            _check_shapes(weights, d, "buffered delta")
+        out = _buffers_like(scratch, weights)
+        if self.aggregation == "median":
+            robust.coordinate_median(deltas, out=out)
+        else:
+            robust.trimmed_mean(deltas, self.trim_fraction, out=out)
+        for w, r in zip(weights, out, strict=True):
+            np.multiply(r, eta, out=r)
+            np.add(w, r, out=w)
+        self.kept.clear()
+        return out
