@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from aggregator import Aggregator, AggregatorConfig
-from messages.errors import FederationError
+from messages.errors import FederationError, StateError
 from messages.transport.broker import Broker, Delivery
 from messages.transport.connect import connect
 from messages.transport.topology import Topology
@@ -540,3 +540,23 @@ def test_a_finishing_aggregator_leaves_later_updates_queued_not_dead_lettered(en
     client.b.process_events(0.5)
     assert client.dead == []
     client.pump(lambda: client.b.queue_depth(client.t.updates) == 19)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_aggregator_with_one_line(
+        env: Env, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one failure that may stop it while it handles a message: its own state."""
+    from aggregator.checkpoint import CheckpointStore
+
+    agg = env.start(min_parties=1, checkpoint_dir=str(tmp_path))
+    client = env.client()
+    client.join("a")
+
+    def full(*_a: Any, **_k: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CheckpointStore, "save", full)
+    client.update("a", 0, 0)
+    with pytest.raises(StateError, match=r"cannot write a checkpoint .* No space left") as info:
+        agg.wait(10)
+    assert "\n" not in str(info.value)
+    client.b.close()
