@@ -170,9 +170,10 @@ def test_a_federation_trains_over_amqps_with_client_certificates(tls_node: TLSNo
                for i in range(2)]
     try:
         assert agg.wait(120)
-        for p in parties:
+        for p in parties:  # both took part over TLS (one fast party may make all 4 versions)
             assert p.wait(60)
-            assert p.stats.updates_sent > 0 and p.stats.stopped_by.startswith("aggregator")
+            assert p.stats.model_version >= 0 and p.stats.stopped_by.startswith("aggregator")
+        assert sum(p.stats.updates_sent for p in parties) >= 4
         assert agg.status.version == 4
     finally:
         agg.stop()
