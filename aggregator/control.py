@@ -66,8 +66,7 @@ class ControlProtocol:
             # The join is on disk before the party hears of it, so an update it sends
             # next can never reach a restarted aggregator that does not know it.
             welcome = encode(self._welcome(msg))
-            self.agg._handled(d)
-            self.agg._settled = d
+            self.agg._handled(d)  # the boundary's own _handled(d) after this is a no-op
             self.agg._commit(force=True)
             self.agg._broker.reply(d, welcome, headers=signature_headers(self.agg._signer, welcome))
             return event

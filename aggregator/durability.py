@@ -33,17 +33,22 @@ class Durability:
         self.broker: Broker | None = None
         self.unacked: Delivery | None = None
         self.uncommitted = 0
+        self._last: Delivery | None = None  # the last delivery handled, counted once
         self.since = 0.0  # when the oldest change not in a checkpoint happened
         self.dirty = False  # state changed by something other than a delivery
 
     def session(self, broker: Broker | None) -> None:
         """A new connection (or none): tags of a dead channel mean nothing any more."""
         self.broker = broker
-        self.unacked, self.uncommitted = None, 0
+        self.unacked, self.uncommitted, self._last = None, 0, None
 
     def handled(self, d: Delivery) -> bool:
         """``d``'s effect is in the in-memory state: ack it with the next commit. True when
-        this made a commit due by count (the caller commits)."""
+        this made a commit due by count (the caller commits). Saying it twice of the same
+        delivery counts once (a join is committed before its welcome, inside its handler)."""
+        if d is self._last:
+            return False
+        self._last = d
         self.unacked = d
         if self.uncommitted == 0:
             self.since = time.monotonic()

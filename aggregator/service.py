@@ -72,7 +72,6 @@ CRASH_HOOK = "DFL_TEST_CRASH_PARTY"
 that the broker's delivery limit ends a crash loop. Nothing sets it outside tests."""
 
 
-
 class Aggregator(BackgroundService):
     """The aggregation service. ``run()`` blocks; ``start()`` runs it on a thread.
 
@@ -134,7 +133,6 @@ class Aggregator(BackgroundService):
         self._broadcast_due = False
         self._broadcast_at = 0.0  # the earliest time of the next coalesced broadcast
         self._probation: dict[str, str] = {}  # queue -> its consumer at prefetch 1 (_session)
-        self._settled: Delivery | None = None  # a delivery its handler acked or requeued
         # At most half the prefetch window: the deliveries of a batch stay unacked until its
         # checkpoint, and the other half keeps the broker sending meanwhile (a batch as large
         # as the window stalled the consumer at every checkpoint: benchmarks/throughput.py).
@@ -275,16 +273,15 @@ class Aggregator(BackgroundService):
                 # delivery limit, so a stopping aggregator would dead-letter good updates.)
                 # Nothing handled after it may be acked, so nothing more is handled.
                 return
-            self._settled = None
             event = boundary(d)
-            if event.ending is not Ending.DEAD_LETTERED and self._settled is not d:
+            if event.ending is not Ending.DEAD_LETTERED:
                 self._handled(d)  # after the observers: a checkpoint holds their counts too
             if d.queue in self._probation:
                 self._commit()
-            if not d.redelivered and d.queue in self._probation and self._broker is not None:
-                # a fresh delivery: the redelivered ones are behind us; open the full window
-                self._commit()
-                self._broker.set_prefetch(self._probation.pop(d.queue), self.config.prefetch)
+                if not d.redelivered and self._broker is not None:
+                    # a fresh delivery: the redelivered ones are behind us; open the window
+                    self._broker.set_prefetch(self._probation.pop(d.queue),
+                                              self.config.prefetch)
 
         return handler
 
@@ -452,7 +449,7 @@ class Aggregator(BackgroundService):
         if not self.membership.active or not self.weights:
             return {"error": "no party has joined yet: start the parties first"}
         self._release()
-        self.durability.dirty = True  # released is on disk before anything else happens
+        self.durability.changed()  # released is on disk before anything else happens
         self._commit(force=True)
         return {"started": True, "version": self.status.version,
                 "parties": len(self.membership.active)}
@@ -553,7 +550,6 @@ class Aggregator(BackgroundService):
         """Every party's model queue: models, announcements, stop and rejoin requests."""
         broker.publish(self.topology.models, "", body,
                        headers=signature_headers(self._signer, body), persistent=False)
-
 
     def _verified(self, d: Delivery, *, query_ok: bool = False) -> str | None:
         """The signer of a delivery, checked before its body is even decoded.

@@ -47,6 +47,7 @@ from messages.wire.deadletters import (
     broker_reason,
     decode_record,
     key_of,
+    pair,
     party_of,
 )
 
@@ -90,7 +91,10 @@ class Dead:
     queue: str
     at: float | None
     count: int
-    broker_reason: str
+    broker: tuple[str, str, int, float | None]
+    """What the broker's ``x-death`` says (``broker_reason``)."""
+    envelope_party: str
+    """The party its envelope names (``party_of``)."""
     readable: bool = True
     """False when the transport could not read its header table (``ENVELOPE_ERROR_HEADER``):
     it cannot be sent again intact."""
@@ -146,13 +150,11 @@ def _bare(d: Delivery) -> Delivery:
 
 
 def _resolve(d: Dead, records: Mapping[str, Record]) -> None:
-    """Give ``d`` its record's reason, as ``messages.wire.deadletters.read_dead`` pairs them: a
-    message the broker dead-lettered at its delivery limit keeps the broker's reason."""
+    """Give ``d`` its reason as ``messages.wire.deadletters.pair`` says (its record's, unless
+    the broker dead-lettered it at its delivery limit)."""
     record = records.get(d.key)
-    if record is not None and d.broker_reason != DELIVERY_LIMIT:
-        d.reason, d.detail, d.party, d.queue, d.at = (record.reason, record.detail,
-                                                      record.party, record.queue, record.at)
-        d.paired = True
+    d.reason, d.detail, d.party, d.queue, d.at = pair(record, d.broker, d.envelope_party)
+    d.paired = record is not None and d.broker[0] != DELIVERY_LIMIT
 
 
 def scan(broker: Broker, topology: Topology, *, idle: float,
@@ -182,10 +184,11 @@ def scan(broker: Broker, topology: Topology, *, idle: float,
             if record is not None:
                 records[record.key] = record
             return
-        reason, queue, count, at = broker_reason(headers)
+        broker = broker_reason(headers)
+        reason, queue, count, at = broker
+        party = party_of(headers)
         d = Dead(_bare(delivery), key_of(delivery.body, headers), len(delivery.body), reason,
-                 "", party_of(headers), queue, at, count, reason,
-                 ENVELOPE_ERROR_HEADER not in headers)
+                 "", party, queue, at, count, broker, party, ENVELOPE_ERROR_HEADER not in headers)
         _resolve(d, records)
         if kept < limit and keep(d):
             d.body, d.headers, d.correlation_id = (delivery.body, dict(headers),

@@ -28,7 +28,6 @@ denied every configure right on shared resources (``permissions``).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass
@@ -171,19 +170,17 @@ def dead_letter(broker: Broker, exchange: str, delivery: Delivery, reason: str,
     chunk of it) so that the broker dead-letters the original bytes; or, for an envelope the
     broker cannot dead-letter safely, copy the body and ack. See the module docstring.
     """
-    now = time.time()
-    if not all(broker_may_dead_letter(p.headers) for p in (delivery.parts or (delivery,))):
-        record = Record(hashlib.sha256(delivery.body).hexdigest(), reason, detail,
-                        party or party_of(delivery.headers), delivery.queue, now)
-        broker.publish(exchange, "", encode_record(record), headers={RECORD_HEADER: 1})
+    parts = delivery.parts or (delivery,)
+    copy = not all(broker_may_dead_letter(p.headers) for p in parts)
+    # a chunk's token keeps no body: its set's id (in its headers) is its key
+    keys = ([key_of(delivery.body, {})] if copy  # the copy carries none of the sender's headers
+            else dict.fromkeys(key_of(p.body or delivery.body, p.headers) for p in parts))
+    now, sender = time.time(), party or party_of(delivery.headers)
+    for key in keys:
+        record = encode_record(Record(key, reason, detail, sender, delivery.queue, now))
+        broker.publish(exchange, "", record, headers={RECORD_HEADER: 1})
+    if copy:
         broker.publish(exchange, "", delivery.body, headers={COPY_HEADER: 1})
         broker.ack(delivery)
-        return
-    keys = dict.fromkeys(key_of(p.body, p.headers) if p.body or not delivery.parts
-                         else key_of(delivery.body, p.headers)
-                         for p in (delivery.parts or (delivery,)))
-    for key in keys:
-        body = encode_record(Record(key, reason, detail, party or party_of(delivery.headers),
-                                    delivery.queue, now))
-        broker.publish(exchange, "", body, headers={RECORD_HEADER: 1})
-    broker.nack(delivery, requeue=False)
+    else:
+        broker.nack(delivery, requeue=False)

@@ -33,8 +33,8 @@ were hostile or unreadable.
 A record finds its message by ``key``: ``chunk:<id>`` for the chunks of a chunked message
 (every chunk of a set carries the set id), else the SHA-256 of the body. Messages the broker
 dead-lettered on its own (the delivery limit: ``x-death`` reason ``delivery_limit``) have no
-record; ``read_dead`` reports the broker's reason for them. ``dfl dead`` lists, replays and
-purges ``F.dead`` through ``read_dead``.
+record; ``pair`` gives them the broker's reason. ``read_dead`` and ``dfl dead`` both pair
+records with messages through ``pair``.
 
 This module is pure: ``messages.transport.topology.dead_letter`` does the publishing.
 """
@@ -171,6 +171,18 @@ def broker_reason(headers: Mapping[str, Any]) -> tuple[str, str, int, float | No
         count if isinstance(count, int) else 1), when
 
 
+def pair(record: Record | None, broker: tuple[str, str, int, float | None], party: str
+         ) -> tuple[str, str, str, str, float | None]:
+    """(reason, detail, party, queue, time) of a dead message: its record's, unless the broker
+    dead-lettered it on its own at the delivery limit (a record of the same body is then about
+    an earlier death); without a record, what the broker's ``x-death`` says (``broker``, from
+    ``broker_reason``) and the ``party`` its envelope names."""
+    reason, queue, _count, at = broker
+    if record is not None and reason != DELIVERY_LIMIT:
+        return record.reason, record.detail, record.party, record.queue, record.at
+    return reason, "", party, queue, at
+
+
 def read_dead(deliveries: Iterable[tuple[bytes, Mapping[str, Any]]]) -> list[DeadLetter]:
     """Pair the dead messages in ``deliveries`` (bodies and headers read from ``F.dead``,
     records included, in queue order) with their records. Records are not listed; a message
@@ -186,12 +198,7 @@ def read_dead(deliveries: Iterable[tuple[bytes, Mapping[str, Any]]]) -> list[Dea
     for body, headers in items:
         if RECORD_HEADER in headers:
             continue
-        reason, queue, count, at = broker_reason(headers)
-        record = records.get(key_of(body, headers))
-        if record is not None and reason != DELIVERY_LIMIT:
-            out.append(DeadLetter(body, dict(headers), record.reason, record.detail,
-                                  record.party, record.queue, record.at, count))
-        else:
-            out.append(DeadLetter(body, dict(headers), reason, "", party_of(headers), queue,
-                                  at, count))
+        broker = broker_reason(headers)
+        why = pair(records.get(key_of(body, headers)), broker, party_of(headers))
+        out.append(DeadLetter(body, dict(headers), *why, count=broker[2]))
     return out
