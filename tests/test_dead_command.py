@@ -270,8 +270,8 @@ def test_replay_drops_the_headers_pika_cannot_encode_and_says_so(
         brokers: Brokers, capsys: pytest.CaptureFixture[str]) -> None:
     if not brokers.url.startswith("memory://"):
         pytest.skip("RabbitMQ delivers nothing pika cannot encode again (3.10 turns floats "
-                    "into ints); test_a_message_whose_headers_cannot_be_read_is_kept_as_its_body_alone covers "
-                    "what it can deliver")
+                    "into ints); the unreadable-headers test (kept as its body alone) "
+                    "covers what it can deliver")
     t = brokers.topology
 
     def tuple_header(b: Broker) -> tuple[int, dict[bytes, str]]:
