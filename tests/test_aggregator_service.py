@@ -114,9 +114,16 @@ class Env:
     federation: str
 
     def start(self, **options: Any) -> Aggregator:
+        """An aggregator on a thread, once it consumes (a loaded machine can take seconds to
+        declare quorum queues: a test's first RPC must not spend its timeout on that)."""
         options.setdefault("min_parties", 2)
-        return Aggregator(AggregatorConfig(broker=self.url, federation=self.federation,
-                                           evaluate=False, **options)).start()
+        agg = Aggregator(AggregatorConfig(broker=self.url, federation=self.federation,
+                                          evaluate=False, **options)).start()
+        deadline = time.monotonic() + 30
+        while not agg.metrics.readiness()[0] and agg.error is None:
+            assert time.monotonic() < deadline, "the aggregator did not start consuming"
+            time.sleep(0.01)
+        return agg
 
     def client(self) -> Client:
         return Client(self.url, Topology(self.federation))
