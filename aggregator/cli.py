@@ -138,6 +138,18 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
                      help="require every party message to be signed: DIR holds each party's "
                           "<id>.pub (Ed25519) or <id>.secret (HMAC) and aggregator.key, with "
                           "which models are signed (made by `dfl admin`)")
+    sa = parser.add_argument_group("secure aggregation (with `dfl helper`, another operator)")
+    sa.add_argument("--secure-aggregation", action="store_true",
+                    help="parties send masked deltas; the helper unmasks only the weighted sum "
+                         "of each full buffer, so this aggregator never sees one update "
+                         "(needs --strategy fedbuff, --aggregation mean, --buffer-k >= 3)")
+    sa.add_argument("--secagg-clip", type=float, metavar="C",
+                    help="parties clip each delta to L2 norm C before masking (default 100); "
+                         "with --buffer-k and --secagg-max-weight it fixes the fixed-point "
+                         "resolution, below 1/scale per coordinate")
+    sa.add_argument("--secagg-max-weight", type=int, metavar="W",
+                    help="integer weight levels of an update in a masked sum (default 16; "
+                         "the helper's --max-weight must be at least this)")
     add_insecure_option(sec)
     bind_settings(parser, AggregatorConfig)
     return parser

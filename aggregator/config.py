@@ -13,8 +13,13 @@ from pydantic import Field, model_validator
 from aggregator.staleness import StalenessKind
 from aggregator.strategies import Aggregation, StrategyName
 from messages.daemon.settings import FederationSettings
+from messages.secagg.quantize import scale_for
 from messages.transport.topology import DEFAULT_DELIVERY_LIMIT
 from messages.types import Settings
+
+SECAGG_CLIP = 100.0
+"""Default L2 clip of a masked delta. Above the norms measured for the built-in CNN's deltas
+(see docs/privacy.md), so it bounds the fixed point's range without changing an update."""
 
 StartMode = Literal["min-parties", "manual"]
 """When model version 0 is released: once ``min_parties`` parties have joined, or only when
@@ -71,6 +76,10 @@ class AggregatorConfig(FederationSettings):
     # control-plane limits (aggregator.admission)
     max_parties: int = Field(default=1000, ge=1)
     join_rate: float = Field(default=20.0, gt=0)
+    # secure aggregation (aggregator/strategies/secure.py; the helper is `dfl helper`)
+    secure_aggregation: bool = False
+    secagg_clip: float = Field(default=SECAGG_CLIP, gt=0)
+    secagg_max_weight: int = Field(default=16, ge=1, le=1 << 16)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorConfig:
@@ -80,11 +89,32 @@ class AggregatorConfig(FederationSettings):
             raise ValueError(f"--aggregation {self.aggregation} needs --strategy fedbuff")
         if self.max_update_norm is not None and self.strategy == "fedavg":
             raise ValueError("--max-update-norm needs --strategy fedasync or fedbuff")
+        if self.secure_aggregation:
+            self._secure_combination()
         if self.queue_type == "classic" and self.broker.startswith("amqp"):
             raise ValueError("--queue-type classic: classic queues have no delivery limit on "
                              "RabbitMQ 3.x, so a message that crashes the aggregator would be "
                              "redelivered forever; use --queue-type quorum")
         return self
+
+    def _secure_combination(self) -> None:
+        """What secure aggregation cannot do, refused with the reason."""
+        if self.strategy != "fedbuff":
+            raise ValueError(f"--secure-aggregation needs --strategy fedbuff, not "
+                             f"{self.strategy}: only a buffer of several parties' updates can "
+                             "be unmasked without revealing one")
+        if self.aggregation != "mean":
+            raise ValueError(f"--secure-aggregation with --aggregation {self.aggregation}: a "
+                             "median or trimmed mean needs every coordinate of every update, "
+                             "which masking hides; use --aggregation mean")
+        if self.max_update_norm is not None:
+            raise ValueError("--secure-aggregation with --max-update-norm: the aggregator "
+                             "cannot measure a masked delta's norm; parties clip to "
+                             "--secagg-clip themselves")
+        if self.buffer_k < 3:
+            raise ValueError(f"--secure-aggregation needs --buffer-k >= 3 (got "
+                             f"{self.buffer_k}): the helper answers only for sets of at least "
+                             "3 distinct parties")
 
     def _missing_keys(self) -> tuple[list[str], str]:
         if self.keys_dir:
@@ -99,6 +129,11 @@ class AggregatorConfig(FederationSettings):
 
     def settings(self) -> Settings:
         """The training settings every party receives in its welcome."""
-        return {"local_steps": self.local_steps, "batch_size": self.batch_size,
-                "learning_rate": self.learning_rate, "sync": self.sync,
-                "strategy": self.strategy}
+        settings: Settings = {"local_steps": self.local_steps, "batch_size": self.batch_size,
+                              "learning_rate": self.learning_rate, "sync": self.sync,
+                              "strategy": self.strategy}
+        if self.secure_aggregation:
+            settings.update(secure_aggregation=True, secagg_clip=self.secagg_clip,
+                            secagg_scale=scale_for(self.secagg_clip, self.buffer_k,
+                                                   self.secagg_max_weight))
+        return settings

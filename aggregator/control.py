@@ -127,9 +127,11 @@ class ControlProtocol:
 
     def _answer(self, query: Query) -> Report | Model:
         if query.what == "status":
+            secure = self.agg.secure
             return Report(status_report(self.agg.config.federation, self.agg.config.strategy,
                                         self.agg.status, self.agg.membership,
-                                        time.monotonic() - self.agg._started))
+                                        time.monotonic() - self.agg._started,
+                                        secure=secure.report() if secure else None))
         if query.what == "model" and self.agg.weights:
             agg = self.agg
             return Model(agg.status.version, dict(zip(agg.names, agg.weights, strict=True)))

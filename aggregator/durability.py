@@ -65,12 +65,14 @@ class Durability:
         """Whether uncommitted changes are ``after`` seconds old."""
         return bool(self.uncommitted or self.dirty) and time.monotonic() - self.since >= after
 
-    def commit(self, force: bool = False) -> bool:
+    def commit(self, force: bool = False, *, hold_acks: bool = False) -> bool:
         """Checkpoint (when configured), then ack everything the checkpoint covers; True when
         a checkpoint was written.
 
         ``force`` also checkpoints changes no delivery caused (a version completed by a lease
         expiry), so a restart never rolls back past what parties were already sent.
+        ``hold_acks`` writes the checkpoint but keeps the acks for a later commit: the broker
+        then stops sending once its prefetch window is full (backpressure).
         """
         if self.unacked is None and not (force and self.dirty):
             return False
@@ -83,6 +85,9 @@ class Durability:
                                  "stopping (a restart resumes from the last one)") from exc
             wrote = True
         self.dirty = False
+        if hold_acks:
+            self.uncommitted = 0
+            return wrote
         if self.unacked is not None and self.broker is not None:
             self.broker.ack(self.unacked, multiple=True)
         self.unacked, self.uncommitted = None, 0

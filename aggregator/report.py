@@ -32,8 +32,10 @@ class Status:
 
 
 def status_report(federation: str, strategy: str, status: Status, membership: Membership,
-                  uptime: float) -> dict[str, Any]:
-    """Model version, throughput, every party's state, and dead-letter counts by reason."""
+                  uptime: float, secure: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model version, throughput, every party's state, and dead-letter counts by reason;
+    with secure aggregation, ``secure_aggregation``: buffered updates, requests waiting for
+    the helper and how long the oldest has waited."""
     parties = []
     for p in sorted(membership.parties.values(), key=lambda p: p.party):
         accuracy, epsilon = p.metrics.get("accuracy"), p.metrics.get("epsilon")
@@ -56,4 +58,5 @@ def status_report(federation: str, strategy: str, status: Status, membership: Me
         "accuracy": status.accuracy, "checkpoints": status.checkpoints,
         "active_parties": sum(1 for p in membership.parties.values() if p.active),
         "uptime_seconds": round(uptime, 1), "finished": status.finished, "parties": parties,
+        **({"secure_aggregation": secure} if secure is not None else {}),
     }

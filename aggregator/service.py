@@ -37,12 +37,15 @@ from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outcomes import DeliveryEvent, Ending, Observers, UpdateStage
 from aggregator.report import Status
+from aggregator.secure import MaskCoordinator
 from aggregator.staleness import make_staleness
-from aggregator.strategies import Contribution, Outcome, make_strategy
+from aggregator.strategies import Contribution, Outcome, Strategy, make_strategy
+from aggregator.strategies.secure import SecureFedBuff
 from aggregator.validation import check_update
 from messages.daemon.allocator import keep_large_buffers
 from messages.daemon.plugins import build_model
 from messages.errors import ConfigError, FederationError, InvalidMessage, StateError
+from messages.secagg.sealing import SealedSeed
 from messages.transport.broker import Broker, Delivery
 from messages.transport.chunked import ChunkedBroker, chunked
 from messages.transport.connect import connect
@@ -88,11 +91,19 @@ class Aggregator(BackgroundService):
         self.topology = Topology(config.federation, config.queue_type,
                                  config.updates_max_length, config.delivery_limit)
         staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
-        self.strategy = make_strategy(config.strategy, staleness=staleness,
-                                      alpha=config.mixing_alpha, k=config.buffer_k,
-                                      eta=config.eta, aggregation=config.aggregation,
-                                      trim_fraction=config.trim_fraction,
-                                      max_update_norm=config.max_update_norm)
+        self.secure: MaskCoordinator | None = None
+        """Secure aggregation's seam to the helper (``aggregator.secure``), when on."""
+        if config.secure_aggregation:
+            secure = SecureFedBuff(staleness, config.buffer_k, config.eta, config.secagg_clip,
+                                   config.secagg_max_weight)
+            self.strategy: Strategy = secure
+            self.secure = MaskCoordinator(self, secure)
+        else:
+            self.strategy = make_strategy(config.strategy, staleness=staleness,
+                                          alpha=config.mixing_alpha, k=config.buffer_k,
+                                          eta=config.eta, aggregation=config.aggregation,
+                                          trim_fraction=config.trim_fraction,
+                                          max_update_norm=config.max_update_norm)
         self.membership = Membership(config.lease_seconds)
         self.observers = Observers()
         self.update_stages: list[UpdateStage] = []
@@ -236,6 +247,8 @@ class Aggregator(BackgroundService):
                 queue: broker.consume(queue, self._guarded(handle), prefetch=1)
                 for queue, handle in ((self.topology.control, self.control.handle),
                                       (self.topology.updates, self._handle_update))}
+            if self.secure is not None:
+                self.secure.session(broker)
             connected()
             self.metrics.set_ready(True)
             log.info("aggregator up: federation %s, %s/%s, version %d, %s", cfg.federation,
@@ -249,6 +262,8 @@ class Aggregator(BackgroundService):
             while not self._stop.is_set():
                 due = self._broadcast_at - time.monotonic() if self._broadcast_due else 0.2
                 broker.process_events(min(max(due, 0.0), 0.2))
+                if self.secure is not None:
+                    self.secure.pump(broker)
                 self._flush_broadcast()
                 self._tick()
             self._flush_broadcast(force=True)
@@ -358,8 +373,10 @@ class Aggregator(BackgroundService):
             self._commit()
 
     def _commit(self, force: bool = False) -> None:
-        """Checkpoint and ack what it covers (``aggregator.durability``)."""
-        if self.durability.commit(force):
+        """Checkpoint and ack what it covers (``aggregator.durability``); while secure
+        aggregation waits for the helper, checkpoint but hold the acks (``MaskCoordinator``)."""
+        held = self.secure is not None and self.secure.held()
+        if self.durability.commit(force, hold_acks=held):
             self.status.checkpoints += 1
 
     def _snapshot(self) -> AggregatorState:
@@ -485,7 +502,7 @@ class Aggregator(BackgroundService):
             update = check_update(message, parties=self.membership.parties, spec=self.spec,
                                   version=self.status.version, max_staleness=cfg.max_staleness,
                                   last_seq=self.last_seq, granted=self.incarnation,
-                                  max_abs=cfg.max_delta_abs)
+                                  max_abs=cfg.max_delta_abs, masked=cfg.secure_aggregation)
         except InvalidMessage as exc:
             if exc.reason == "unknown-party" and isinstance(message, Update):
                 self.control.ask_to_rejoin(message.party)
@@ -498,8 +515,11 @@ class Aggregator(BackgroundService):
             stage(update)
         staleness = self.status.version - update.base_version
         try:
+            sealed = (SealedSeed(update.seq, update.sealed_seed, update.seed_signature)
+                      if update.sealed_seed else None)
             outcome = self.strategy.offer(self.weights, Contribution(
-                update.party, list(update.tensors.values()), update.num_samples, staleness))
+                update.party, list(update.tensors.values()), update.num_samples, staleness,
+                sealed=sealed))
         except Exception as exc:
             # the strategy may have changed the weights half-way: they cannot be trusted
             raise StateError(f"the strategy failed applying {update.party}#{update.seq} "

@@ -21,11 +21,14 @@ from messages.wire.kinds import Message, Update
 def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, version: int,
                  max_staleness: int, last_seq: Mapping[str, int],
                  granted: Mapping[str, int] | None = None,
-                 max_abs: float = float("inf")) -> Update | None:
+                 max_abs: float = float("inf"), masked: bool = False) -> Update | None:
     """The update if it may be applied, ``None`` for a duplicate; raises ``InvalidMessage``.
 
     ``granted`` maps each party to the incarnation of its last join (its seq range, see
-    ``seq_window``); without it (tests of other checks) any seq is in range.
+    ``seq_window``); without it (tests of other checks) any seq is in range. ``masked``
+    (secure aggregation): the update must be masked ``uint32`` words with a sealed seed
+    (``unmasked`` otherwise: never take a delta in the clear), and ``max_abs`` cannot apply;
+    without it a masked update is refused (``unexpected-mask``).
     """
     if not isinstance(msg, Update):
         raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on the updates queue")
@@ -39,14 +42,21 @@ def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, ver
                                             f"{lo}..{hi - 1}, the range its last join granted")
     if msg.seq <= last:
         return None
+    if masked and not msg.sealed_seed:
+        raise InvalidMessage("unmasked", "this federation runs secure aggregation: an update "
+                                         "must be masked, with its seed sealed to the helper")
+    if not masked and (msg.sealed_seed or msg.seed_signature):
+        raise InvalidMessage("unexpected-mask", "a masked update, but this aggregator does not "
+                                                "run secure aggregation")
     if [name for name, _d, _s in spec] != list(msg.tensors):
         raise InvalidMessage("tensor-names", "the update's tensor names differ from the model's")
-    for (name, dtype, shape), array in zip(spec, msg.tensors.values(), strict=True):
+    for (name, model_dtype, shape), array in zip(spec, msg.tensors.values(), strict=True):
+        dtype = "uint32" if masked else model_dtype
         if array.dtype.name != dtype:
             raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name}, model has {dtype}")
         if array.shape != shape:
             raise InvalidMessage("shape-mismatch", f"{name}: {array.shape}, model has {shape}")
-        if not _within(array, max_abs):
+        if not masked and not _within(array, max_abs):
             # finite but huge values would overflow the weights to inf in a few applies
             raise InvalidMessage("out-of-range", f"{name}: |value| > {max_abs:g}")
     if msg.base_version > version:

@@ -32,9 +32,13 @@ from typing import Protocol
 
 from messages.daemon.cli import Formatter, Parser, fail
 from messages.errors import ConfigError, FederationError
+from messages.secagg.sealing import make_seal_keys
 from messages.transport.broker import mask_url
 from messages.transport.topology import Topology, check_name
-from messages.wire.signing import AGGREGATOR, make_ed25519, make_hmac_secret
+from messages.wire.signing import AGGREGATOR, HELPER, make_ed25519, make_hmac_secret
+
+RESERVED = (AGGREGATOR, HELPER)
+"""Signer names of the servers: no party may take one."""
 
 DESCRIPTION = """\
 Create (or remove) the broker users of a federation and the keys its messages are signed
@@ -49,6 +53,12 @@ examples:
   dfl admin add-party 2 --federation mnist --keys keys/ \\
       --management-url http://admin@rabbit.example.org:15672   # password: DFL_ADMIN_PASSWORD
   dfl admin remove-party 2 --federation mnist
+  dfl admin add-helper --federation mnist --keys helper-keys/   # secure aggregation's helper
+
+add-helper (run by the helper's operator) writes helper.key/helper.pub (its answers are
+signed with it: give helper.pub to the aggregator's --keys) and helper-seal.key/helper-seal.pem
+(parties seal their seeds to helper-seal.pem: give it to every party's --helper-key). The
+helper needs its own copy of every party's <id>.pub and of aggregator.pub in its --party-keys.
 """
 
 
@@ -58,6 +68,10 @@ def party_user(federation: str, party: str) -> str:
 
 def aggregator_user(federation: str) -> str:
     return f"dfl-{federation}-aggregator"
+
+
+def helper_user(federation: str) -> str:
+    return f"dfl-{federation}-helper"
 
 
 class Backend(Protocol):
@@ -179,10 +193,12 @@ def build_parser(prog: str = "dfl admin") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help_text in (("add-party", "create party ID's user, permissions and key"),
                             ("add-aggregator", "create the aggregator's user and key"),
+                            ("add-helper", "create the secure-aggregation helper's user and "
+                                           "keys"),
                             ("remove-party", "delete party ID's broker user")):
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=Formatter)
-        if name != "add-aggregator":
+        if name in ("add-party", "remove-party"):
             p.add_argument("party", metavar="ID", help="the party id (its --party-id)")
         p.add_argument("--federation", default="mnist", help="federation id (default: mnist)")
         if name != "remove-party":
@@ -212,8 +228,19 @@ def main(argv: list[str] | None = None, prog: str = "dfl admin") -> int:
             key = make_ed25519(ns.keys, AGGREGATOR)
             print(f"aggregator of {ns.federation}: broker user {user}, password in {password}; "
                   f"models signed with {key} (parties verify with {key.with_suffix('.pub')})")
+        elif ns.action == "add-helper":
+            user = helper_user(ns.federation)
+            password = add_identity(backend, user, topology.helper_permissions(), ns.keys)
+            key = make_ed25519(ns.keys, HELPER)
+            seal = make_seal_keys(ns.keys)
+            print(f"helper of {ns.federation}: broker user {user}, password in {password}; "
+                  f"answers signed with {key} (give {key.with_suffix('.pub')} to the "
+                  f"aggregator's --keys); parties seal seeds to {seal} (--helper-key)")
         elif ns.action == "add-party":
             party = check_name("party id", ns.party)
+            if party in RESERVED:
+                raise ConfigError(f"party id {party!r} is the name of a server's key; "
+                                  "choose another")
             user = party_user(ns.federation, party)
             password = add_identity(backend, user, topology.party_permissions(party), ns.keys)
             key = (make_hmac_secret if ns.hmac else make_ed25519)(ns.keys, party)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aggregator import AggregatorConfig
 from aggregator import cli as aggregator_cli
+from aggregator.helper import cli as helper_cli
 from deploy import admin, dead, plot, remote
 from messages.daemon.cli import (
     Formatter,
@@ -100,6 +101,8 @@ COMMANDS = {
     "run": ("train a whole federation on this machine (embedded broker)", _run),
     "aggregator": ("run the aggregator daemon", lambda a: aggregator_cli.main(a)),
     "worker": ("run one party's daemon", lambda a: worker_cli.main(a)),
+    "helper": ("run the helper of secure aggregation (another operator's server)",
+               lambda a: helper_cli.main(a)),
     "status": ("show a running federation as a table (or --json)",
                lambda a: remote.status_main(a)),
     "export": ("save a running federation's global model as .keras",

@@ -103,8 +103,16 @@ def status_table(data: dict[str, Any]) -> str:
     queue = "" if in_dead is None else (
         f"\nF.dead holds {in_dead} messages (with reason records and those the broker "
         "dead-lettered at the delivery limit): dfl dead list")
+    secure = data.get("secure_aggregation")
+    helper = "" if secure is None else (
+        f"\nsecure aggregation: {secure['buffered']} updates buffered, "
+        + (f"waiting for the helper: {secure['waiting_requests']} requests, the oldest for "
+           f"{secure['waiting_seconds']} s" if secure["waiting_requests"]
+           else "no request waiting for the helper")
+        + (f"; {secure['refused_updates']} updates dropped (the helper refused their set)"
+           if secure["refused_updates"] else ""))
     return (f"{head}\n\n{table}\n\ndead-lettered: {dead}; duplicates dropped: "
-            f"{data['duplicates']}{queue}")
+            f"{data['duplicates']}{queue}{helper}")
 
 
 def status_main(argv: list[str] | None = None) -> int:

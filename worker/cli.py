@@ -97,6 +97,11 @@ def build_parser(prog: str = "dfl worker") -> argparse.ArgumentParser:
                           "<id>.secret (HMAC), made by `dfl admin add-party`")
     sec.add_argument("--aggregator-key", metavar="FILE.pub",
                      help="accept only models and replies signed by this aggregator key")
+    sec.add_argument("--helper-key", metavar="FILE.pem",
+                     help="secure aggregation: mask every delta and seal its seed to this "
+                          "helper key (helper-seal.pem, made by `dfl admin add-helper`); the "
+                          "aggregator then never sees a delta in the clear (needs "
+                          "--signing-key, an Ed25519 key)")
     add_insecure_option(sec)
     bind_settings(parser, WorkerConfig)
     return parser

@@ -50,6 +50,8 @@ class WorkerConfig(FederationSettings):
     # authenticity: this party's signing key, and the aggregator's public key
     signing_key: str | None = None
     aggregator_key: str | None = None
+    # secure aggregation: the helper's X25519 public key (helper-seal.pem); worker/pipeline.py
+    helper_key: str | None = None
 
     @field_validator("party_id", mode="before")
     @classmethod
@@ -69,6 +71,12 @@ class WorkerConfig(FederationSettings):
         if self.signing_key and self.party_id == "auto":
             raise ValueError("--signing-key belongs to one party: give its --party-id "
                              "instead of auto")
+        if self.helper_key and not self.signing_key:
+            raise ValueError("--helper-key needs --signing-key: the helper opens a party's "
+                             "seed only with the party's Ed25519 signature over it")
+        if self.helper_key and self.encoding != "float32":
+            raise ValueError(f"--helper-key with --encoding {self.encoding}: masked deltas "
+                             "travel as 32-bit words; drop --encoding")
         if self.dp_noise > 0 and self.dp_clip is None:
             raise ValueError(f"--dp-noise {self.dp_noise:g} needs --dp-clip: the noise is "
                              "SIGMA times the clip norm")

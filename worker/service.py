@@ -258,6 +258,14 @@ class Worker(BackgroundService):
                                       f"{reply.reason}")
             self._next_seq = reply.next_seq
             self._settings = dict(reply.settings)
+            if self._settings.get("secure_aggregation") and self.config.helper_key is None:
+                raise FederationError("this federation uses secure aggregation: pass "
+                                      "--helper-key FILE (the helper's helper-seal.pem) and "
+                                      "--signing-key")
+            if self.config.helper_key and not self._settings.get("secure_aggregation"):
+                raise FederationError("this party has --helper-key but the aggregator does not "
+                                      "run secure aggregation: it would see every delta in "
+                                      "the clear; start it with --secure-aggregation")
             # The welcome is the truth, even when older than a model seen before the join: a
             # restarted aggregator may have resumed from an earlier checkpoint. Only a model
             # broadcast after the welcome was sent (and delivered before it) is newer.
@@ -302,7 +310,8 @@ class Worker(BackgroundService):
                     break
                 delta, metrics = result
                 self.metrics.train_seconds.observe(metrics["train_seconds"])
-                out = Outgoing(dict(zip(trainer.names, delta, strict=True)), metrics)
+                out = Outgoing(dict(zip(trainer.names, delta, strict=True)), metrics,
+                               seq=self._next_seq, settings=s)
                 for stage in self.delta_stages:
                     out = stage(out)
                 if self._privacy is not None:
@@ -310,7 +319,9 @@ class Worker(BackgroundService):
                     if "epsilon" in out.metrics:
                         self.metrics.epsilon.set(out.metrics["epsilon"])
                 update = Update(self.config.party, self._next_seq, base_version,
-                                len(trainer.y), out.tensors, out.metrics, self.config.encoding)
+                                len(trainer.y), out.tensors, out.metrics, self.config.encoding,
+                                sealed_seed=out.sealed_seed,
+                                seed_signature=out.seed_signature)
                 self._pending = (self._next_seq, encode(update, packed=out.packed))
                 self._next_seq += 1
                 continue

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from messages.secagg.sealing import SealedSeed
 from messages.types import NDArray, NDArrays
 
 
@@ -36,6 +37,9 @@ class Contribution:
     """The factor the delta counts with: a stage before the strategy (``Clipped``) sets it,
     instead of writing a scaled copy of the delta; strategies fold it into their own
     multiply."""
+    sealed: SealedSeed | None = None
+    """Secure aggregation: ``delta`` is masked ``uint32`` words and this is the update's seq
+    and sealed seed (only :class:`SecureFedBuff` takes such a contribution)."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

@@ -100,6 +100,30 @@ class Topology:
     def dead(self) -> str:
         return f"{self.federation}.dead"
 
+    @property
+    def helper_requests(self) -> str:
+        """Secure aggregation: the leader's mask requests, consumed by the helper."""
+        return f"{self.federation}.helper"
+
+    @property
+    def helper_sums(self) -> str:
+        """Secure aggregation: the helper's answers, consumed by the leader."""
+        return f"{self.federation}.sums"
+
+    def declare_helper(self, broker: Broker) -> None:
+        """The two queues between leader and helper (idempotent; both daemons declare them):
+        durable, so a request or an answer waits for a daemon that is down."""
+        broker.declare_exchange(self.dead, "fanout")
+        for queue in (self.helper_requests, self.helper_sums):
+            broker.declare_queue(queue, arguments=self._consumed_args())
+
+    def helper_permissions(self) -> tuple[str, str, str]:
+        """RabbitMQ (configure, write, read) patterns for the helper: its two queues, answers
+        through the default exchange, dead letters to ``F.dead``; it reads only requests."""
+        f = re.escape(self.federation)
+        queues = f"^({f}\\.helper|{f}\\.sums|{f}\\.dead)$"
+        return queues, f"^({f}\\.dead|amq\\.default)$", f"^{f}\\.helper$"
+
     def model_queue(self, party: str) -> str:
         return f"{self.federation}.models.{party}"
 

@@ -118,3 +118,15 @@ SEQ_AHEAD = 1 << 16
 """How far past the last seq applied (or its range's start) an update's seq may run: more
 updates than a party can have dead-lettered or in flight in a row, and the most an update with
 a forged seq can skip the real party ahead by (see ``aggregator.validation.seq_window``)."""
+
+MAX_SECRET_BYTES = 256
+"""Longest sealed seed or seed signature (80 and 64 bytes today: room for other suites)."""
+
+MAX_MASK_SET = 4096
+"""Most updates one secure-aggregation request may name (a FedBuff buffer)."""
+
+MAX_MASK_WEIGHT = 1 << 16
+"""Largest integer weight of one update in a masked sum (the helper's own cap is lower)."""
+
+MAX_MASK_WORDS = 1 << 31
+"""Most words a mask may expand to (8 GiB of uint32: far past any model a queue carries)."""

@@ -46,8 +46,9 @@ DEFAULT_MAX_BYTES = 128 * 1024 * 1024
 
 ALLOWED_DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(name).newbyteorder("<")
-    for name in ("float32", "float16", "float64", "int8", "uint8", "int32", "int64")
+    for name in ("float32", "float16", "float64", "int8", "uint8", "int32", "int64", "uint32")
 }
+"""Tensor dtypes on the wire (``uint32``: masked words of secure aggregation)."""
 ENCODINGS = frozenset(compression.ENCODINGS)
 MAX_SAMPLES = bounds.MAX_SAMPLES
 """Bigger declared sample counts are absurd (kept for callers; see ``messages.wire.bounds``)."""
@@ -395,6 +396,26 @@ def _bool(name: str, x: Any) -> bool:
     return x
 
 
+def _secret(name: str, x: Any) -> bytes:
+    """Opaque key material (a sealed seed, a signature): bytes of bounded length."""
+    if type(x) is not bytes:
+        raise _wrong(name, "bytes", x)
+    if len(x) > bounds.MAX_SECRET_BYTES:
+        raise InvalidMessage("too-large", f"field {name!r} has {len(x)} bytes, more than "
+                                          f"{bounds.MAX_SECRET_BYTES}")
+    return x
+
+
+def _list_of(each: Checker) -> Checker:
+    """A list of at most ``MAX_MASK_SET`` items, each checked by ``each``."""
+    def check(name: str, x: Any) -> list[Any]:
+        if not isinstance(x, list):
+            raise _wrong(name, "a list", x)
+        _entries(name, x, bounds.MAX_MASK_SET)
+        return [each(f"{name}[{i}]", v) for i, v in enumerate(x)]
+    return check
+
+
 def _entries(name: str, x: Any, limit: int) -> None:
     """A map's or list's entry count must stay within ``limit``."""
     if len(x) > limit:
@@ -582,6 +603,11 @@ _INT_BOUNDS: dict[tuple[str, str], Checker] = {
     # -1: the party holds no model yet / the federation stopped before releasing one
     ("heartbeat", "version"): _int_in(-1, bounds.MAX_VERSION),
     ("stop", "version"): _int_in(-1, bounds.MAX_VERSION),
+    ("mask-request", "request"): _int_in(0, MAX_INT),
+    ("mask-request", "seqs"): _int_in(0, bounds.MAX_SEQ),
+    ("mask-request", "weights"): _int_in(1, bounds.MAX_MASK_WEIGHT, "bad-weight"),
+    ("mask-request", "length"): _int_in(1, bounds.MAX_MASK_WORDS),
+    ("mask-sum", "request"): _int_in(0, MAX_INT),
 }
 """The range of every integer field, by (kind, field)."""
 
@@ -597,13 +623,17 @@ _TEXT_BOUNDS: dict[tuple[str, str], Checker] = {
     ("heartbeat", "party"): _party,
     ("stop", "reason"): _text_of(bounds.MAX_REASON),
     ("query", "what"): _text_of(bounds.MAX_WORD),
+    ("mask-request", "parties"): _party,
+    ("mask-sum", "reason"): _text_of(bounds.MAX_REASON),
 }
 """The checker of every string field, by (kind, field)."""
 
 _TYPE_CHECKERS: tuple[tuple[Any, Checker | None], ...] = (
     (Tensors, _tensors), (Settings, _settings), (Document, _report),
-    (dict[str, float], _metrics), (float, _float), (bool, _bool),
+    (dict[str, float], _metrics), (float, _float), (bool, _bool), (bytes, _secret),
+    (list[bytes], _list_of(_secret)),
     (int, None), (str, None),  # per field: _INT_BOUNDS, _TEXT_BOUNDS
+    (list[int], None), (list[str], None),  # each item: the field's _INT_/_TEXT_BOUNDS
 )
 """The checker of each field type the kinds use, matched against the resolved annotation."""
 
@@ -621,10 +651,12 @@ def _spec_of(cls: type[Message]) -> tuple[_Field, ...]:
             raise TypeError(f"{cls.__name__}.{f.name}: no codec checker for type {hint!r}")
         check = found[0]
         if check is None:
-            table = _INT_BOUNDS if hint is int else _TEXT_BOUNDS
+            table = _INT_BOUNDS if hint in (int, list[int]) else _TEXT_BOUNDS
             check = table.get((cls.KIND, f.name))
             if check is None:
                 raise TypeError(f"{cls.__name__}.{f.name}: no bound in messages.wire.codec")
+            if hint in (list[int], list[str]):
+                check = _list_of(check)
         required = (f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING)
         spec.append(_Field(f.name, check, required, hint == Tensors))

@@ -32,6 +32,13 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     encoding: str = "float32"
     sent_at: float = field(default_factory=time.time)
+    sealed_seed: bytes = b""
+    """Secure aggregation only: the seed of this update's mask, sealed to the helper
+    (``messages.secagg.sealing``). Non-empty exactly when ``tensors`` are masked ``uint32``
+    words (``q(delta) + PRG(seed) mod 2^32``) instead of a float delta."""
+    seed_signature: bytes = b""
+    """The party's Ed25519 signature over ``(federation, party, seq, sealed_seed)``, which the
+    helper checks against its own copy of the parties' keys."""
 
 
 @dataclass(slots=True)
@@ -133,8 +140,43 @@ class Report:
     data: Document
 
 
-Message = Update | Model | Join | Welcome | Leave | Heartbeat | Stop | Query | Report
+@dataclass(slots=True)
+class MaskRequest:
+    """The leader asks the helper for the weighted sum of the masks of a full buffer.
+
+    Entry ``i`` is update ``seqs[i]`` of ``parties[i]`` with integer weight ``weights[i]``,
+    its sealed seed and the party's signature over it (forwarded from the update); ``length``
+    is how many ``uint32`` words each mask expands to. ``request`` numbers the leader's
+    requests: a retry of the same request carries the same number and the same entries.
+    """
+
+    KIND: ClassVar[str] = "mask-request"
+    request: int
+    parties: list[str]
+    seqs: list[int]
+    weights: list[int]
+    sealed: list[bytes]
+    signatures: list[bytes]
+    length: int
+
+
+@dataclass(slots=True)
+class MaskSum:
+    """The helper's answer to a ``MaskRequest``: ``tensors`` holds one flat ``uint32`` tensor
+    ``"sum"`` (the weighted sum of the masks modulo 2^32) when ``accepted``; otherwise it is
+    empty and ``reason`` says why the helper refused."""
+
+    KIND: ClassVar[str] = "mask-sum"
+    request: int
+    accepted: bool
+    reason: str
+    tensors: Tensors
+
+
+Message = (Update | Model | Join | Welcome | Leave | Heartbeat | Stop | Query | Report
+           | MaskRequest | MaskSum)
 
 KINDS: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Update, Model, Join, Welcome, Leave, Heartbeat, Stop, Query, Report)
+    cls.KIND: cls for cls in (Update, Model, Join, Welcome, Leave, Heartbeat, Stop, Query, Report,
+                              MaskRequest, MaskSum)
 }

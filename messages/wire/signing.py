@@ -44,6 +44,8 @@ ALG_HEADER = "x-dfl-alg"
 SIGNATURE_HEADER = "x-dfl-signature"
 AGGREGATOR = "aggregator"
 """The signer name of the aggregator's key (``aggregator.key`` / ``aggregator.pub``)."""
+HELPER = "helper"
+"""The signer name of secure aggregation's helper (``helper.key`` / ``helper.pub``)."""
 ED25519 = "ed25519"
 HMAC_SHA256 = "hmac-sha256"
 
@@ -72,6 +74,15 @@ class Signer:
 
     def public_key(self) -> Ed25519PublicKey | None:
         return self._key.public_key() if self._key is not None else None
+
+    def sign_statement(self, data: bytes) -> bytes:
+        """A raw Ed25519 signature of ``data`` (a statement for a third party, such as a
+        sealed seed for the helper); ``ConfigError`` for an HMAC signer, whose secret the
+        third party would need and could then forge with."""
+        if self._key is None:
+            raise ConfigError(f"signer {self.name!r} has an HMAC secret: secure aggregation "
+                              "needs an Ed25519 key (dfl admin add-party without --hmac)")
+        return self._key.sign(data)
 
 
 @dataclass
@@ -112,6 +123,19 @@ class Keyring:
             return signer
         raise InvalidMessage("unknown-signer", f"no {alg[:20]!r} key for signer "
                              f"{signer[:64]!r}")
+
+
+def verify_statement(ring: Keyring, signer: str, data: bytes, signature: bytes) -> None:
+    """``InvalidMessage`` unless ``signature`` is ``signer``'s Ed25519 signature of ``data``
+    under a key in ``ring`` (reason ``unknown-signer`` or ``bad-signature``)."""
+    key = ring.public.get(signer)
+    if key is None:
+        raise InvalidMessage("unknown-signer", f"no ed25519 key for {signer[:64]!r}")
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        raise InvalidMessage("bad-signature", f"the statement of {signer[:64]!r} is not "
+                                              "signed by its key") from None
 
 
 def check_signer(signer: str, party: str) -> None:
