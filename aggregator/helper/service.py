@@ -21,6 +21,7 @@ The helper never sees a masked delta: requests carry seeds, weights and ids only
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -59,6 +60,11 @@ from messages.wire.signing import (
 )
 
 log = logging.getLogger("dfl.helper")
+CRASH_HOOK = "DFL_TEST_HELPER_CRASH"
+"""Test-only fault injection: a helper started with this variable set exits at once
+(``os._exit(70)``, as a crash would) after it saved its first answered set and before it
+answered, so tests can show that the redelivered request is answered as a replay. Nothing sets
+it outside tests."""
 
 
 class HelperMetrics(MetricsEndpoint):
@@ -107,6 +113,7 @@ class Helper(BackgroundService):
                               "party's <id>.pub (it must not take them from the leader)")
         self._seal_key = sealing.load_seal_private(config.seal_key)
         self._ring: Keyring = load_keyring(config.party_keys, exclude=HELPER)
+        self._keys_mtime = os.stat(config.party_keys).st_mtime_ns
         own = Path(config.party_keys) / f"{HELPER}.key"
         self._signer: Signer | None = load_signer(own, HELPER) if own.exists() else None
         self.topology = Topology(config.federation, config.queue_type, None,
@@ -122,6 +129,7 @@ class Helper(BackgroundService):
         self.metrics = HelperMetrics()
         self._stop = threading.Event()
         self._broker: ChunkedBroker | None = None
+        self._crash = bool(os.environ.get(CRASH_HOOK))
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask the service to finish (safe from any thread and from signal handlers)."""
@@ -191,6 +199,8 @@ class Helper(BackgroundService):
         if not replay:
             self.rules.record(msg)
             self.store.save(self.rules.state())  # before the answer: never answer twice
+            if self._crash:
+                os._exit(70)  # CRASH_HOOK
         total = masks.mask_sum(seeds, msg.weights, msg.length)
         self._answer(d, MaskSum(msg.request, True, "", {"sum": total}))
         spent = time.process_time() - began
@@ -212,6 +222,8 @@ class Helper(BackgroundService):
         """Entry ``i``'s seed, after checking its party's signature with the helper's own
         keys; ``Refusal`` (``unknown-seed``, ``bad-signature``) otherwise."""
         party, seq, sealed = req.parties[i], req.seqs[i], req.sealed[i]
+        if party not in self._ring.public:
+            self._reload_keys()
         try:
             verify_statement(self._ring, party, sealing.statement(
                 self.config.federation, party, seq, sealed), req.signatures[i])
@@ -221,6 +233,21 @@ class Helper(BackgroundService):
             reason = "unknown-seed" if exc.reason in ("unknown-signer", "unknown-seed") \
                 else exc.reason
             raise Refusal(reason, f"{party}#{seq}: {exc.detail}") from None
+
+    def _reload_keys(self) -> None:
+        """Read ``--party-keys`` again if it changed since (a party added at run time)."""
+        assert self.config.party_keys is not None
+        try:
+            mtime = os.stat(self.config.party_keys).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._keys_mtime:
+            return
+        self._keys_mtime = mtime
+        try:
+            self._ring = load_keyring(self.config.party_keys, exclude=HELPER)
+        except ConfigError as exc:  # a bad file added at run time: keep the old list
+            log.error("party keys not re-read: %s", exc)
 
     def _answer(self, d: Delivery, answer: MaskSum) -> None:
         """Publish ``answer`` to ``F.sums`` (confirmed), then ack the request."""
