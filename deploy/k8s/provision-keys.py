@@ -13,6 +13,16 @@ that has no key yet, and writes both Secrets back:
   party's files only): every party's <id>.key and dfl-<federation>-party-<id>.password,
   and aggregator.pub.
 
+With secure aggregation (``DFL_SECURE_AGGREGATION`` true, from dfl-config: the overlay
+``secure/``) it also runs ``dfl admin add-helper`` in a folder of its own (helper.key must not
+count as a party's key) and writes ``$HELPER_SECRET`` (mounted by the helper as its
+--party-keys directory): helper.key, helper-seal.key and helper-seal.pem, the helper's broker
+``username`` and ``password``, and the helper's own copies of aggregator.pub and every party's
+<id>.pub. A copy it holds is never replaced by the aggregator's (a party's key cannot be
+swapped through the leader); a differing one is reported. helper.pub goes to
+``$AGGREGATOR_SECRET`` (the aggregator checks the helper's answers), helper-seal.pem to
+``$PARTY_SECRET`` (the parties seal their seeds to it).
+
 It only adds: running it again (a re-created Job, a larger DFL_NUM_PARTIES) keeps every key
 and password that exists. Passwords and keys are never printed.
 """
@@ -79,6 +89,9 @@ def main() -> None:
     keys = Path(os.environ.get("KEYS_DIR", "/tmp/keys"))
     keys.mkdir(mode=0o700, parents=True, exist_ok=True)
     aggregator_user = f"dfl-{federation}-aggregator"
+    helper_secret = os.environ.get("HELPER_SECRET", "")
+    secure = os.environ.get("DFL_SECURE_AGGREGATION", "").strip().lower() in (
+        "1", "true", "yes", "on")
 
     # what earlier runs made
     held = restore(party_secret)
@@ -94,10 +107,10 @@ def main() -> None:
             path.chmod(0o600)
 
     # what is missing
-    def admin(*args: str, password: str) -> None:
-        (keys / password).unlink(missing_ok=True)  # a password without a key: start over
-        subprocess.run(["dfl", "admin", *args, "--federation", federation, "--keys", str(keys),
-                        "--management-url", management], check=True)
+    def admin(*args: str, password: str, directory: Path = keys) -> None:
+        (directory / password).unlink(missing_ok=True)  # a password without a key: start over
+        subprocess.run(["dfl", "admin", *args, "--federation", federation,
+                        "--keys", str(directory), "--management-url", management], check=True)
 
     if not (keys / "aggregator.key").exists():
         admin("add-aggregator", password=f"{aggregator_user}.password")
@@ -109,16 +122,63 @@ def main() -> None:
         return (keys / name).read_bytes()
 
     ids = sorted(p.stem for p in keys.glob("*.key") if p.stem != "aggregator")
+    to_aggregator: dict[str, bytes] = {}
+    to_parties: dict[str, bytes] = {}
+    if secure and helper_secret:
+        helper = provision_helper(keys / "helper", federation, helper_secret, ids, admin)
+        to_aggregator["helper.pub"] = (helper / "helper.pub").read_bytes()
+        to_parties["helper-seal.pem"] = (helper / "helper-seal.pem").read_bytes()
     save(aggregator_secret, {
         "aggregator.key": read("aggregator.key"), "aggregator.pub": read("aggregator.pub"),
         **{f"{i}.pub": read(f"{i}.pub") for i in ids},
+        **to_aggregator,
         "username": aggregator_user.encode(),
         "password": read(f"{aggregator_user}.password").strip()})
     save(party_secret, {
         "aggregator.pub": read("aggregator.pub"),
         **{f"{i}.key": read(f"{i}.key") for i in ids},
         **{f"dfl-{federation}-party-{i}.password": read(f"dfl-{federation}-party-{i}.password")
-           for i in ids}})
+           for i in ids},
+        **to_parties})
+
+
+def provision_helper(helper: Path, federation: str, secret: str, ids: list[str],
+                     admin: Any) -> Path:
+    """The helper's identity and its own copies of the public keys, saved to ``secret``;
+    returns the folder that holds them (apart from the others: helper.key is no party's)."""
+    keys = helper.parent
+    helper.mkdir(mode=0o700, exist_ok=True)
+    user = f"dfl-{federation}-helper"
+    for name, data in restore(secret).items():
+        if name == "password":
+            name = f"{user}.password"
+        elif name == "username":
+            continue
+        path = helper / name
+        if not path.exists():
+            path.write_bytes(data)
+            path.chmod(0o600)
+    if not (helper / "helper.key").exists():
+        for stale in ("helper.pub", "helper-seal.key", "helper-seal.pem"):
+            (helper / stale).unlink(missing_ok=True)
+        admin("add-helper", password=f"{user}.password", directory=helper)
+    for name in ("aggregator.pub", *(f"{i}.pub" for i in ids)):
+        theirs, mine = keys / name, helper / name
+        if not mine.exists():
+            mine.write_bytes(theirs.read_bytes())
+        elif mine.read_bytes() != theirs.read_bytes():
+            print(f"dfl-keys: {name} differs from the helper's copy in {secret}; kept the "
+                  f"helper's (delete it from {secret} to accept the new key)")
+    pubs = sorted(p.name for p in helper.glob("*.pub") if p.name != "helper.pub")
+    save(secret, {
+        "helper.key": (helper / "helper.key").read_bytes(),
+        "helper.pub": (helper / "helper.pub").read_bytes(),
+        "helper-seal.key": (helper / "helper-seal.key").read_bytes(),
+        "helper-seal.pem": (helper / "helper-seal.pem").read_bytes(),
+        **{name: (helper / name).read_bytes() for name in pubs},
+        "username": user.encode(),
+        "password": (helper / f"{user}.password").read_bytes().strip()})
+    return helper
 
 
 if __name__ == "__main__":
