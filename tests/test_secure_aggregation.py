@@ -334,7 +334,7 @@ def model_delta(s: Secure, version: int) -> dict[str, np.ndarray]:
 def test_the_leader_applies_the_weighted_mean_and_never_sees_an_update(
         secure: Secure) -> None:
     s = secure
-    s.start_helper()
+    helper = s.start_helper()
     values = {"a": 0.1, "b": 0.2, "c": 0.6}
     counts = {"a": 100, "b": 100, "c": 200}  # weights 8, 8, 16 of 16 levels
     for p, v in values.items():
@@ -344,7 +344,8 @@ def test_the_leader_applies_the_weighted_mean_and_never_sees_an_update(
         # what the leader (and the broker) holds is uniform-looking words, not the delta
         assert all(t.dtype == np.uint32 for t in masked.tensors.values())
         s.send(p, body)
-    s.client.pump(lambda: any(m.version == 1 for m in s.client.models), timeout=15)
+    s.client.pump(lambda: any(m.version == 1 for m in s.client.models)
+                  and helper.stats.answered == 1, timeout=15)
     expected = (8 * 0.1 + 8 * 0.2 + 16 * 0.6) / 32
     scale = float(s.welcomes["a"].settings["secagg_scale"])
     for name, d in model_delta(s, 1).items():
@@ -451,7 +452,8 @@ def test_a_helper_killed_mid_run_loses_nothing_and_answers_nothing_twice(
         s.round(r, 0, {"a": 0.1, "b": 0.2, "c": 0.3})
     assert s.agg.version == 0
     procs.start("helper-2", *helper_args(s))
-    procs.wait_until("all four buffers applied", lambda: s.agg.version == 4, 60)
+    procs.wait_until("all four buffers applied", lambda: s.agg.version == 4
+                     and procs.log("helper-2").count("answered request") == 4, 60)
     procs.procs["helper-2"].kill()  # kill -9 once more, after it answered everything
     procs.procs["helper-2"].wait()
     log = procs.log("helper-2")
@@ -526,3 +528,61 @@ def test_a_party_never_sends_a_delta_in_the_clear_nor_joins_unable_to_mask(
             worker.stop()
             agg.stop()
             agg.wait(10)
+
+
+def test_a_restarted_leader_asks_again_for_the_same_set_and_applies_it(
+        broker_url: str, keys: Keys, tmp_path: Path) -> None:
+    """The waiting buffer, its request number and weights are in the checkpoint: the new
+    leader sends the same request (not a new mix the helper would refuse) and applies it."""
+    federation = f"sa{uuid.uuid4().hex[:8]}"
+    config = AggregatorConfig(
+        broker=broker_url, federation=federation, evaluate=False, strategy="fedbuff",
+        buffer_k=3, min_parties=3, staleness="constant", secure_aggregation=True,
+        keys_dir=str(keys.leader), checkpoint_dir=str(tmp_path / "ckpt"))
+
+    def leader() -> Aggregator:
+        agg = Aggregator(config).start()
+        deadline = time.monotonic() + 30
+        while not agg.metrics.readiness()[0]:
+            assert agg.error is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        return agg
+
+    agg = leader()
+    client = Client(broker_url, Topology(federation))
+    client.listen("a")
+    welcomes = {}
+    for p in PARTIES:
+        reply = decode(Party(client, keys.signer(p)).join(p).body)
+        assert isinstance(reply, Welcome)
+        welcomes[p] = reply
+    client.pump(lambda: len(client.models) == 1)
+    s = Secure(broker_url, federation, keys, tmp_path / "helper-state", agg, client, welcomes)
+    try:
+        s.round(0, 0, {"a": 0.3, "b": 0.3, "c": 0.3})
+        client.pump(lambda: s.status()["secure_aggregation"]["waiting_requests"] == 1,
+                    timeout=10)
+        agg.stop()
+        agg.wait(10)
+        s.agg = agg = leader()
+        assert s.status()["secure_aggregation"]["waiting_requests"] == 1
+        s.start_helper()
+        helper = s.helper
+        assert helper is not None
+        client.pump(lambda: any(m.version == 1 for m in client.models)
+                    and helper.stats.answered == 1, timeout=15)
+        assert not helper.stats.refused
+        model = next(m for m in reversed(client.models) if m.version == 1)
+        first = client.models[0].tensors
+        for name, w in model.tensors.items():
+            assert np.allclose(w - first[name], 0.3, atol=1e-4)
+    finally:
+        for daemon in (s.helper, s.agg):
+            if daemon is not None:
+                daemon.stop()
+                daemon.wait(10)
+        t = Topology(federation)
+        with connect(broker_url) as b:
+            for q in (t.updates, t.control, t.dead, t.helper_requests, t.helper_sums):
+                b.delete_queue(q)
+        client.b.close()
