@@ -204,3 +204,47 @@ def test_a_signed_federation_runs_on_restricted_identities(
             "worker settings": repr(workers[0].config) + workers[0].config.effective()}
     leaked = [where for where, text in seen.items() if any(s in text for s in secrets_of(keys))]
     assert not leaked, f"secrets appear in: {leaked}"
+
+
+def test_the_helper_can_read_requests_and_answer_and_nothing_else(
+        identities: Identities) -> None:
+    """``dfl admin add-helper``: its keys, and a broker user limited to F.helper and F.sums."""
+    from deploy.admin import helper_user
+    from messages.secagg.sealing import SEAL_KEY, SEAL_PUBLIC, load_seal_public
+
+    fed, keys = identities.federation, identities.keys
+    admin("add-helper", "--federation", fed, "--keys", str(keys))
+    for name in ("helper.key", "helper.pub", SEAL_KEY, SEAL_PUBLIC):
+        assert (keys / name).exists()
+    assert (keys / SEAL_KEY).stat().st_mode & 0o077 == 0
+    load_seal_public(keys / SEAL_PUBLIC)
+    t = Topology(fed)
+    helper = identities.url(helper_user(fed))
+    try:
+        with connect(identities.aggregator) as agg:
+            t.declare(agg)
+            t.declare_helper(agg)
+            agg.publish("", t.helper_requests, b"a request")
+        with connect(helper) as b:  # what the helper needs
+            t.declare_helper(b)
+            got = b.get(t.helper_requests)
+            assert got is not None and got.body == b"a request"
+            b.publish("", t.helper_sums, b"an answer")
+        forbidden = {
+            "read the updates queue": lambda b: b.get(t.updates),
+            "read its own answers": lambda b: b.get(t.helper_sums),
+            "publish to the parties' model fanout": lambda b: b.publish(t.models, "", b"x"),
+            "publish into the updates queue": lambda b: b.publish(t.ingress, t.updates, b"x"),
+        }
+        for what, action in forbidden.items():
+            with connect(helper) as b:
+                with pytest.raises(AccessRefused, match="ACCESS_REFUSED"):
+                    action(b)
+                    b.process_events(0.2)
+                print(f"refused: {what}")
+    finally:
+        subprocess.run(["rabbitmqctl", "--quiet", "delete_user", helper_user(fed)],
+                       capture_output=True, timeout=60)
+        with connect(identities.amqp_url) as b:
+            for q in (t.helper_requests, t.helper_sums):
+                b.delete_queue(q)
