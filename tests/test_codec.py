@@ -214,6 +214,10 @@ BASE: dict[str, dict[str, Any]] = {
     "stop": {"version": 0, "reason": "target reached"},
     "query": {"what": "status"},
     "report": {"data": {"version": 1, "parties": [{"party": "p", "accuracy": None}]}},
+    "mask-request": {"request": 0, "parties": ["a", "b", "c"], "seqs": [1, 2, 3],
+                     "weights": [1, 2, 16], "sealed": [bytes(80)] * 3,
+                     "signatures": [bytes(64)] * 3, "length": 10},
+    "mask-sum": {"request": 0, "accepted": True, "reason": "", "tensors": [W]},
 }
 
 
@@ -245,12 +249,15 @@ INTS = [  # kind, field, lowest, highest, reason outside
     ("welcome", "next_seq", -1, bounds.MAX_NEXT_SEQ, "out-of-bounds"),
     ("heartbeat", "version", -1, bounds.MAX_VERSION, "out-of-bounds"),
     ("stop", "version", -1, bounds.MAX_VERSION, "out-of-bounds"),
+    ("mask-request", "request", 0, bounds.MAX_INT, "out-of-bounds"),
+    ("mask-request", "length", 1, bounds.MAX_MASK_WORDS, "out-of-bounds"),
+    ("mask-sum", "request", 0, bounds.MAX_INT, "out-of-bounds"),
 ]
 PARTIES = [("update", "party"), ("join", "party"), ("welcome", "party"), ("leave", "party"),
            ("heartbeat", "party")]
 TEXTS = [("join", "software", bounds.MAX_SOFTWARE), ("welcome", "reason", bounds.MAX_REASON),
          ("leave", "reason", bounds.MAX_REASON), ("stop", "reason", bounds.MAX_REASON),
-         ("query", "what", bounds.MAX_WORD)]
+         ("query", "what", bounds.MAX_WORD), ("mask-sum", "reason", bounds.MAX_REASON)]
 FLOATS = [("update", "sent_at"), ("model", "created_at"), ("join", "sent_at"),
           ("heartbeat", "sent_at")]
 
@@ -268,6 +275,30 @@ def test_every_integer_string_and_float_field_is_probed_here() -> None:
     assert fields_of_type(str) == {*PARTIES, *((k, f) for k, f, _ in TEXTS),
                                    ("update", "encoding")}
     assert fields_of_type(float) == set(FLOATS)
+
+
+def test_the_lists_and_secrets_of_secure_aggregation_are_bounded_item_by_item() -> None:
+    """Each item of a mask request's lists is checked like a field of its own; sealed seeds
+    and signatures are bytes of bounded length."""
+    big = bounds.MAX_MASK_SET + 1
+    cases = [
+        ({"parties": ["a", "b\n", "c"]}, "bad-party"),
+        ({"parties": "abc"}, "wrong-type"),
+        ({"parties": ["a"] * big}, "too-many"),
+        ({"seqs": [1, -1, 3]}, "out-of-bounds"),
+        ({"seqs": [1, True, 3]}, "wrong-type"),
+        ({"weights": [1, 0, 1]}, "bad-weight"),
+        ({"weights": [1, bounds.MAX_MASK_WEIGHT + 1, 1]}, "bad-weight"),
+        ({"sealed": [bytes(80), "x" * 80, bytes(80)]}, "wrong-type"),
+        ({"sealed": [bytes(bounds.MAX_SECRET_BYTES + 1)] * 3}, "too-large"),
+        ({"signatures": [bytes(64)] * big}, "too-many"),
+    ]
+    for fields, reason in cases:
+        assert reason_of(body_of("mask-request", **fields)) == reason, fields
+    for name in ("sealed_seed", "seed_signature"):
+        assert reason_of(body_of("update", **{name: "x"})) == "wrong-type"
+        assert reason_of(body_of("update", **{name: bytes(257)})) == "too-large"
+        assert getattr(dec("update", **{name: bytes(80)}), name) == bytes(80)
 
 
 @pytest.mark.parametrize("kind", sorted(BASE))
@@ -508,7 +539,10 @@ def test_whatever_decode_accepts_re_encodes_packs_and_dumps(case: tuple[str, dic
         return
     assert_same(decode(encode(msg)), msg)
     plain = {name: getattr(msg, name) for name in msg.__dataclass_fields__ if name != "tensors"}
-    assert json.loads(json.dumps(plain, allow_nan=False)) == plain  # status JSON, log lines
+    shown = {k: x for k, x in plain.items()  # key material is neither logged nor reported
+             if not isinstance(x, bytes) and not (x and isinstance(x, list)
+                                                  and isinstance(x[0], bytes))}
+    assert json.loads(json.dumps(shown, allow_nan=False)) == shown  # status JSON, log lines
     assert msgpack.unpackb(msgpack.packb(plain)) == plain
     for x in plain.values():  # exact for JSON readers that parse numbers as doubles
         if type(x) is int:
