@@ -7,7 +7,7 @@ import sys
 
 from aggregator.config import START_MODES, AggregatorConfig
 from aggregator.staleness import STALENESS_FUNCTIONS
-from aggregator.strategies import AGGREGATIONS, STRATEGIES
+from aggregator.strategies import AGGREGATIONS, SERVER_OPTIMIZERS, STRATEGIES
 from messages.daemon.cli import (
     Formatter,
     Parser,
@@ -64,6 +64,20 @@ def add_strategy_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-update-norm", type=float, metavar="C",
                    help="FedAsync, FedBuff: scale every delta down to global L2 norm C before "
                         "using it (bounds how far one update moves the model)")
+    g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS,
+                   help="how the aggregated delta d moves the model: plain w += lr*d; "
+                        "momentum (FedAvgM); adam or yogi (FedAdam/FedYogi, Reddi et al. "
+                        "2021: use a small --eta/--mixing-alpha, e.g. 0.01); lr is --eta "
+                        "(FedBuff, FedAvg) or --mixing-alpha (FedAsync)")
+    g.add_argument("--server-beta1", type=float, metavar="B1",
+                   help="momentum of momentum, adam and yogi")
+    g.add_argument("--server-beta2", type=float, metavar="B2",
+                   help="second-moment decay of adam and yogi")
+    g.add_argument("--server-tau", type=float, metavar="TAU",
+                   help="adaptivity of adam and yogi: w += lr*m/(sqrt(v)+TAU)")
+    g.add_argument("--server-staleness-threshold", type=int, metavar="T",
+                   help="FedAsync, FedBuff: past T versions of staleness (the largest in a "
+                        "buffer) the step shrinks to lr*T/staleness (FADAS, Wang et al. 2024)")
     g.add_argument("--max-staleness", type=int,
                    help="dead-letter updates staler than this many versions")
     g.add_argument("--max-delta-abs", type=float,

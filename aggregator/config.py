@@ -11,7 +11,7 @@ from typing import Literal, get_args
 from pydantic import Field, model_validator
 
 from aggregator.staleness import StalenessKind
-from aggregator.strategies import Aggregation, StrategyName
+from aggregator.strategies import Aggregation, ServerOptimizerName, StrategyName
 from messages.daemon.settings import FederationSettings
 from messages.secagg.quantize import scale_for
 from messages.transport.topology import DEFAULT_DELIVERY_LIMIT
@@ -40,6 +40,12 @@ class AggregatorConfig(FederationSettings):
     aggregation: Aggregation = "mean"
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
     max_update_norm: float | None = Field(default=None, gt=0)
+    # the server optimizer of every strategy's last step (aggregator/strategies/optimizers.py)
+    server_optimizer: ServerOptimizerName = "plain"
+    server_beta1: float = Field(default=0.9, ge=0, lt=1)
+    server_beta2: float = Field(default=0.99, gt=0, lt=1)
+    server_tau: float = Field(default=1e-3, gt=0)
+    server_staleness_threshold: int | None = Field(default=None, ge=0)
     max_staleness: int = Field(default=50, ge=0)
     max_delta_abs: float = Field(default=1e4, gt=0)
     min_parties: int = Field(default=2, ge=1)

@@ -39,7 +39,13 @@ from aggregator.outcomes import DeliveryEvent, Ending, Observers, UpdateStage
 from aggregator.report import Status
 from aggregator.secure import MaskCoordinator
 from aggregator.staleness import make_staleness
-from aggregator.strategies import Contribution, Outcome, Strategy, make_strategy
+from aggregator.strategies import (
+    Contribution,
+    Outcome,
+    Strategy,
+    make_optimizer,
+    make_strategy,
+)
 from aggregator.strategies.secure import SecureFedBuff
 from aggregator.validation import check_update
 from messages.daemon.allocator import keep_large_buffers
@@ -93,9 +99,13 @@ class Aggregator(BackgroundService):
         staleness = make_staleness(config.staleness, a=config.staleness_a, b=config.staleness_b)
         self.secure: MaskCoordinator | None = None
         """Secure aggregation's seam to the helper (``aggregator.secure``), when on."""
+        optimizer = make_optimizer(config.server_optimizer, beta1=config.server_beta1,
+                                   beta2=config.server_beta2, tau=config.server_tau)
+        threshold = config.server_staleness_threshold
         if config.secure_aggregation:
             secure = SecureFedBuff(staleness, config.buffer_k, config.eta, config.secagg_clip,
-                                   config.secagg_max_weight)
+                                   config.secagg_max_weight, optimizer=optimizer,
+                                   staleness_threshold=threshold)
             self.strategy: Strategy = secure
             self.secure = MaskCoordinator(self, secure)
         else:
@@ -103,7 +113,9 @@ class Aggregator(BackgroundService):
                                           alpha=config.mixing_alpha, k=config.buffer_k,
                                           eta=config.eta, aggregation=config.aggregation,
                                           trim_fraction=config.trim_fraction,
-                                          max_update_norm=config.max_update_norm)
+                                          max_update_norm=config.max_update_norm,
+                                          optimizer=optimizer,
+                                          staleness_threshold=threshold)
         self.membership = Membership(config.lease_seconds)
         self.observers = Observers()
         self.update_stages: list[UpdateStage] = []

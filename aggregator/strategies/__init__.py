@@ -27,6 +27,9 @@ strategy is not thread-safe: call it from one thread.
 between applies (FedBuff's buffer, FedAvg's round); restoring into a strategy built with the
 same options continues exactly as the original would have.
 
+A server optimizer (``aggregator.strategies.optimizers``: plain, momentum, adam, yogi) takes
+each strategy's last step, ``w += lr * d``, with ``d`` as a pseudo-gradient.
+
 ``Clipped`` (``max_update_norm``, FedAsync and FedBuff) scales every delta down to that global
 L2 norm before the strategy uses it, so no single update moves the model further than the
 bound. One module per strategy; ``base`` says what a new one must implement.
@@ -42,10 +45,17 @@ from aggregator.strategies.clipping import Clipped
 from aggregator.strategies.fedasync import FedAsync
 from aggregator.strategies.fedavg import FedAvg
 from aggregator.strategies.fedbuff import AGGREGATIONS, Aggregation, FedBuff
+from aggregator.strategies.optimizers import (
+    SERVER_OPTIMIZERS,
+    ServerOptimizer,
+    ServerOptimizerName,
+    make_optimizer,
+)
 from messages.errors import ConfigError
 
-__all__ = ["AGGREGATIONS", "STRATEGIES", "Aggregation", "Clipped", "Contribution", "FedAsync",
-           "FedAvg", "FedBuff", "Outcome", "Strategy", "StrategyName", "make_strategy"]
+__all__ = ["AGGREGATIONS", "SERVER_OPTIMIZERS", "STRATEGIES", "Aggregation", "Clipped",
+           "Contribution", "FedAsync", "FedAvg", "FedBuff", "Outcome", "ServerOptimizer",
+           "ServerOptimizerName", "Strategy", "StrategyName", "make_optimizer", "make_strategy"]
 
 StrategyName = Literal["fedasync", "fedbuff", "fedavg"]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
@@ -55,13 +65,16 @@ STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 def make_strategy(
     name: str, *, staleness: StalenessFn, alpha: float, k: int, eta: float,
     aggregation: str = "mean", trim_fraction: float = 0.2,
-    max_update_norm: float | None = None,
+    max_update_norm: float | None = None, optimizer: ServerOptimizer | None = None,
+    staleness_threshold: int | None = None,
 ) -> Strategy:
     """Build the strategy called ``name`` (one of :data:`STRATEGIES`) from the options.
 
     Each strategy takes the options it uses and ignores the rest: fedasync ``staleness``
     and ``alpha``; fedbuff ``staleness``, ``k``, ``eta``, ``aggregation`` and
-    ``trim_fraction``; fedavg ``eta``. ``max_update_norm`` wraps the strategy in
+    ``trim_fraction``; fedavg ``eta``. ``optimizer`` (a server optimizer, plain by default)
+    takes every strategy's last step; ``staleness_threshold`` (fedasync, fedbuff) shrinks
+    that step past so many versions of staleness. ``max_update_norm`` wraps the strategy in
     :class:`Clipped`. The robustness
     options are the exception, because ignoring them would silently leave a federation
     unprotected: an ``aggregation`` other than ``"mean"`` needs fedbuff, and
@@ -76,10 +89,12 @@ def make_strategy(
         raise ConfigError("max_update_norm needs strategy fedasync or fedbuff, not 'fedavg'")
     strategy: Strategy
     if name == "fedasync":
-        strategy = FedAsync(staleness, alpha=alpha)
+        strategy = FedAsync(staleness, alpha=alpha, optimizer=optimizer,
+                            staleness_threshold=staleness_threshold)
     elif name == "fedbuff":
         strategy = FedBuff(staleness, k=k, eta=eta, aggregation=aggregation,
-                           trim_fraction=trim_fraction)
+                           trim_fraction=trim_fraction, optimizer=optimizer,
+                           staleness_threshold=staleness_threshold)
     else:
-        strategy = FedAvg(eta=eta)
+        strategy = FedAvg(eta=eta, optimizer=optimizer)
     return strategy if max_update_norm is None else Clipped(strategy, max_update_norm)

@@ -81,6 +81,14 @@ def _buffers_like(buffers: list[NDArray] | None, weights: NDArrays) -> list[NDAr
     return [np.zeros(w.shape, dtype=w.dtype) for w in weights]
 
 
+def _load_optimizer(optimizer: Any, state: dict[str, Any]) -> None:
+    """Restore a strategy's server optimizer from its snapshot (none saved before server
+    optimizers existed: the optimizer starts fresh, as plain FedBuff never had state)."""
+    saved = state.get("optimizer")
+    if saved:
+        optimizer.load_state(saved)
+
+
 def _check_name(state: dict[str, Any], name: str) -> None:
     """``ValueError`` when ``state`` was saved by a different strategy."""
     saved = state.get("strategy")

@@ -14,7 +14,9 @@ from aggregator.strategies.base import (
     _buffers_like,
     _check_name,
     _check_shapes,
+    _load_optimizer,
 )
+from aggregator.strategies.optimizers import Plain, ServerOptimizer
 from messages.errors import ConfigError
 from messages.types import NDArray, NDArrays
 
@@ -47,10 +49,11 @@ class FedAvg(Strategy):
 
     name: ClassVar[str] = "fedavg"
 
-    def __init__(self, eta: float = 1.0) -> None:
+    def __init__(self, eta: float = 1.0, optimizer: ServerOptimizer | None = None) -> None:
         if not (isinstance(eta, int | float) and math.isfinite(eta) and eta > 0):
             raise ConfigError(f"fedavg eta must be a finite number > 0, got {eta!r}")
         self.eta = float(eta)
+        self.optimizer = optimizer or Plain()
         self._active: frozenset[str] = frozenset()
         self._participants: set[str] = set()
         self._received: dict[str, tuple[NDArrays, int]] = {}
@@ -105,12 +108,11 @@ class FedAvg(Strategy):
             a.fill(0)
         for delta, n in self._received.values():
             _check_shapes(weights, delta, "round delta")  # weights swapped mid-round
-            coef = self.eta * n / total
+            coef = n / total
             for a, d, tmp in zip(acc, delta, scratch, strict=True):
                 np.multiply(d, coef, out=tmp)
                 np.add(a, tmp, out=a)
-        for w, a in zip(weights, acc, strict=True):
-            np.add(w, a, out=w)
+        self.optimizer.step(weights, acc, self.eta)
         self._received.clear()
         self._participants = set(self._active)
 
@@ -125,6 +127,7 @@ class FedAvg(Strategy):
             "parties": list(self._received),
             "num_samples": [n for _, n in self._received.values()],
             "deltas": [list(d) for d, _ in self._received.values()],
+            "optimizer": self.optimizer.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -142,3 +145,4 @@ class FedAvg(Strategy):
         self._active = frozenset(str(p) for p in state["active"])
         self._participants = participants
         self._received = dict(zip(parties, zip(deltas, counts, strict=True), strict=True))
+        _load_optimizer(self.optimizer, state)

@@ -16,7 +16,9 @@ from aggregator.strategies.base import (
     _buffers_like,
     _check_name,
     _check_shapes,
+    _load_optimizer,
 )
+from aggregator.strategies.optimizers import Plain, ServerOptimizer, staleness_scaled
 from messages.errors import ConfigError
 from messages.types import NDArray, NDArrays
 
@@ -63,7 +65,9 @@ class FedBuff(Strategy):
     name: ClassVar[str] = "fedbuff"
 
     def __init__(self, staleness: StalenessFn, k: int = 4, eta: float = 1.0,
-                 aggregation: str = "mean", trim_fraction: float = 0.2) -> None:
+                 aggregation: str = "mean", trim_fraction: float = 0.2,
+                 optimizer: ServerOptimizer | None = None,
+                 staleness_threshold: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"fedbuff k must be an integer >= 1, got {k!r}")
         if not (isinstance(eta, int | float) and math.isfinite(eta) and eta > 0):
@@ -89,6 +93,9 @@ class FedBuff(Strategy):
         self._scratch: list[NDArray] | None = None
         self._weight_sum = 0.0
         self._parties: list[str] = []
+        self.optimizer = optimizer or Plain()
+        self.staleness_threshold = staleness_threshold
+        self._max_staleness = 0  # of the buffer: FADAS shrinks its step past the threshold
         # the robust modes keep the deltas themselves: a class of their own
         self._robust = (RobustBuffer(aggregation, self.trim_fraction)
                         if aggregation != "mean" else None)
@@ -120,13 +127,16 @@ class FedBuff(Strategy):
             assert self._robust is not None
             self._robust.add(weights, c)
         self._parties.append(c.party)
+        self._max_staleness = max(self._max_staleness, c.staleness)
         if len(self._parties) < self.k:
             return Outcome.BUFFERED
+        lr = staleness_scaled(self.eta, self._max_staleness, self.staleness_threshold)
         if self._robust is None:
-            self._apply_sum(weights)
+            self._apply_sum(weights, lr)
         else:
-            self._scratch = self._robust.apply(weights, self.eta, self._scratch)
+            self._scratch = self._robust.apply(weights, lr, self._scratch, self.optimizer)
         self._parties.clear()
+        self._max_staleness = 0
         return Outcome.APPLIED
 
     def _add_to_sum(self, weights: NDArrays, delta: NDArrays, weight: float,
@@ -145,13 +155,14 @@ class FedBuff(Strategy):
             np.add(a, tmp, out=a)
         self._weight_sum += weight
 
-    def _apply_sum(self, weights: NDArrays) -> None:
-        """Mean mode: ``w += eta * acc / weight_sum``; empty the running sum."""
+    def _apply_sum(self, weights: NDArrays, lr: float) -> None:
+        """Mean mode: ``w += lr * acc / weight_sum`` (through the server optimizer); empty
+        the running sum."""
         assert self._acc is not None
-        coef = self.eta / self._weight_sum
-        for w, a in zip(weights, self._acc, strict=True):
-            np.multiply(a, coef, out=a)
-            np.add(w, a, out=w)
+        for a in self._acc:
+            np.multiply(a, 1 / self._weight_sum, out=a)
+        self.optimizer.step(weights, self._acc, lr)
+        for a in self._acc:
             a.fill(0)
         self._weight_sum = 0.0
 
@@ -171,6 +182,8 @@ class FedBuff(Strategy):
             "deltas": [list(d) for d, _, _ in self._kept],  # immutable: references suffice
             "num_samples": [n for _, n, _ in self._kept],
             "staleness": [s for _, _, s in self._kept],
+            "max_staleness": self._max_staleness,
+            "optimizer": self.optimizer.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -210,6 +223,8 @@ class FedBuff(Strategy):
         self._acc = acc or None
         self._weight_sum = weight_sum
         self._parties = parties
+        self._max_staleness = int(state.get("max_staleness", max(stale, default=0)))
+        _load_optimizer(self.optimizer, state)
         if self._robust is not None:
             self._robust.kept = kept
 
@@ -243,10 +258,11 @@ class RobustBuffer:
         delta = c.delta if c.scale == 1.0 else [np.multiply(d, c.scale) for d in c.delta]
         self.kept.append((delta, c.num_samples, c.staleness))
 
-    def apply(self, weights: NDArrays, eta: float, scratch: list[NDArray] | None
-              ) -> list[NDArray]:
-        """``w += eta * median`` (or trimmed mean) of the kept deltas; empty the buffer.
-        Returns the scratch buffers it used (reused on the next apply)."""
+    def apply(self, weights: NDArrays, eta: float, scratch: list[NDArray] | None,
+              optimizer: ServerOptimizer | None = None) -> list[NDArray]:
+        """``w += eta * median`` (or trimmed mean) of the kept deltas, through ``optimizer``
+        (plain by default); empty the buffer. Returns the scratch buffers it used (reused on
+        the next apply)."""
         deltas = [d for d, _, _ in self.kept]
         for d in deltas:  # a restored buffer was never checked against these weights
             _check_shapes(weights, d, "buffered delta")
@@ -255,8 +271,6 @@ class RobustBuffer:
             robust.coordinate_median(deltas, out=out)
         else:
             robust.trimmed_mean(deltas, self.trim_fraction, out=out)
-        for w, r in zip(weights, out, strict=True):
-            np.multiply(r, eta, out=r)
-            np.add(w, r, out=w)
+        (optimizer or Plain()).step(weights, out, eta)
         self.kept.clear()
         return out

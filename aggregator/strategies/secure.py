@@ -30,7 +30,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from aggregator.staleness import StalenessFn
-from aggregator.strategies.base import Contribution, Outcome, Strategy, _check_name, _check_shapes
+from aggregator.strategies.base import (
+    Contribution,
+    Outcome,
+    Strategy,
+    _check_name,
+    _check_shapes,
+    _load_optimizer,
+)
+from aggregator.strategies.optimizers import Plain, ServerOptimizer, staleness_scaled
 from messages.errors import ConfigError
 from messages.secagg import masks
 from messages.secagg.quantize import dequantize, integer_weights, scale_for
@@ -51,6 +59,7 @@ class Slot:
     masked: NDArrays
     sealed: bytes
     signature: bytes
+    staleness: int = 0
 
 
 @dataclass
@@ -77,7 +86,9 @@ class SecureFedBuff(Strategy):
     name: ClassVar[str] = "secure-fedbuff"
 
     def __init__(self, staleness: StalenessFn, k: int, eta: float, clip: float,
-                 max_weight: int = 16, max_open: int = 4) -> None:
+                 max_weight: int = 16, max_open: int = 4,
+                 optimizer: ServerOptimizer | None = None,
+                 staleness_threshold: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < MIN_BUFFER:
             raise ConfigError(f"secure aggregation needs --buffer-k >= {MIN_BUFFER}: the helper "
                               f"answers only for sets of at least {MIN_BUFFER} parties, got {k}")
@@ -88,6 +99,8 @@ class SecureFedBuff(Strategy):
         self.scale = scale_for(self.clip, k, max_weight)
         self.buffers: list[Buffer] = []
         self.next_request = 0
+        self.optimizer = optimizer or Plain()
+        self.staleness_threshold = staleness_threshold
 
     @property
     def pending(self) -> list[Buffer]:
@@ -116,7 +129,7 @@ class SecureFedBuff(Strategy):
             target = Buffer()
             self.buffers.append(target)
         target.slots.append(Slot(c.party, c.sealed.seq, weight, list(c.delta), c.sealed.sealed,
-                                 c.sealed.signature))
+                                 c.sealed.signature, c.staleness))
         return Outcome.BUFFERED
 
     def take_requests(self) -> list[MaskRequest]:
@@ -154,14 +167,16 @@ class SecureFedBuff(Strategy):
                              f"{flat.dtype} words, the model {sum(w.size for w in weights)}")
         total_weight = sum(b.weights)
         offset = 0
+        means = []
         for i, w in enumerate(weights):
             n = int(w.size)
             total = masks.weighted_sum([s.masked[i].reshape(-1) for s in b.slots], b.weights)
             total -= flat[offset:offset + n]
-            mean = dequantize(total, self.scale, total_weight)
-            mean *= np.float32(self.eta)
-            w += mean.reshape(w.shape)
+            means.append(dequantize(total, self.scale, total_weight).reshape(w.shape))
             offset += n
+        lr = staleness_scaled(self.eta, max(s.staleness for s in b.slots),
+                              self.staleness_threshold)
+        self.optimizer.step(weights, means, lr)
         self.buffers.remove(b)
         return Outcome.APPLIED
 
@@ -183,8 +198,10 @@ class SecureFedBuff(Strategy):
                          "weights": list(b.weights),
                          "slots": [{"party": s.party, "seq": s.seq, "weight": s.weight,
                                     "masked": list(s.masked), "sealed": s.sealed,
-                                    "signature": s.signature} for s in b.slots]}
+                                    "signature": s.signature, "staleness": s.staleness}
+                                   for s in b.slots]}
                         for b in self.buffers],
+            "optimizer": self.optimizer.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -193,7 +210,9 @@ class SecureFedBuff(Strategy):
         self.buffers = [
             Buffer([Slot(str(s["party"]), int(s["seq"]), float(s["weight"]),
                          [np.asarray(a) for a in s["masked"]], bytes(s["sealed"]),
-                         bytes(s["signature"])) for s in b["slots"]],
+                         bytes(s["signature"]), int(s.get("staleness", 0)))
+                    for s in b["slots"]],
                    None if int(b["request"]) < 0 else int(b["request"]),
                    [int(w) for w in b["weights"]])
             for b in state["buffers"]]
+        _load_optimizer(self.optimizer, state)
