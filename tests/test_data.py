@@ -14,7 +14,7 @@ import pytest
 from messages.errors import DataError
 from messages.types import NDArray
 from worker import data
-from worker.data import Dataset, load_mnist, load_synthetic
+from worker.data import Dataset, load_fashion_mnist, load_mnist, load_synthetic
 
 NUM_TRAIN, NUM_TEST = 20, 5
 
@@ -170,3 +170,21 @@ def test_synthetic_data_is_mnist_shaped_scaled_and_deterministic() -> None:
     for name in ("x_train", "y_train", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     assert not np.array_equal(first.x_train, other.x_train)
+
+
+def test_fashion_mnist_loads_by_the_same_rules(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    write_mnist_idx(tmp_path)  # the same IDX format and sizes
+    assert_is_tiny_mnist(load_fashion_mnist(str(tmp_path)))
+    # Keras caches Fashion-MNIST as IDX files in datasets/fashion-mnist/
+    home = tmp_path / "home"
+    (home / "datasets" / "fashion-mnist").mkdir(parents=True)
+    write_mnist_idx(home / "datasets" / "fashion-mnist")
+    monkeypatch.delenv("DFL_DATA_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    assert_is_tiny_mnist(load_fashion_mnist())
+    (tmp_path / "empty").mkdir()
+    write_npz(tmp_path / "empty" / "mnist.npz")
+    with pytest.raises(DataError, match="no Fashion-MNIST data") as caught:
+        load_fashion_mnist(str(tmp_path / "empty"))  # an MNIST .npz is not Fashion-MNIST
+    assert "mnist.npz" not in str(caught.value).split(":")[-1]

@@ -1,14 +1,16 @@
-"""MNIST loading, plus a small synthetic stand-in for tests and smoke runs.
+"""MNIST and Fashion-MNIST loading, plus a small synthetic stand-in for tests and smoke runs.
 
-Where :func:`load_mnist` looks, in order:
+Where :func:`load_mnist` (and :func:`load_fashion_mnist`, by the same rules) looks, in order:
 
 1. ``data_dir`` if given, else the ``DFL_DATA_DIR`` environment variable. That folder must
-   hold the four standard IDX files (gzipped or not) or a Keras-layout ``mnist.npz``; if it
-   holds neither, loading fails instead of quietly using other data, since a named folder
-   means the user wants exactly that data.
-2. Otherwise Keras's download cache (``$KERAS_HOME/datasets/mnist.npz``, by default under
-   ``~/.keras``), read with numpy so TensorFlow is not imported just to read a file.
-3. Otherwise ``keras.datasets.mnist.load_data()``, which downloads (needs network access).
+   hold the four standard IDX files (gzipped or not) or, for MNIST, a Keras-layout
+   ``mnist.npz``; if it holds neither, loading fails instead of quietly using other data,
+   since a named folder means the user wants exactly that data.
+2. Otherwise Keras's download cache (``$KERAS_HOME/datasets/mnist.npz``, or the IDX files
+   in ``$KERAS_HOME/datasets/fashion-mnist/``; by default under ``~/.keras``), read with
+   numpy so TensorFlow is not imported just to read a file.
+3. Otherwise ``keras.datasets.mnist.load_data()`` (``fashion_mnist``), which downloads (needs
+   network access).
 
 Loaded data is cached per resolved file path, so several parties in one process share one
 copy; arrays are therefore read-only. Copy before modifying in place.
@@ -41,6 +43,21 @@ NUM_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
+class Source:
+    """One IDX data set: its name in messages, its ``.npz`` (if Keras keeps one), where
+    Keras caches it under ``$KERAS_HOME/datasets`` and its ``keras.datasets`` module."""
+
+    name: str
+    npz: str | None
+    cache: str
+    keras: str
+
+
+MNIST = Source("MNIST", NPZ_FILE, NPZ_FILE, "mnist")
+FASHION_MNIST = Source("Fashion-MNIST", None, "fashion-mnist", "fashion_mnist")
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
     """Train and test splits: ``x`` float32 in [0, 1] shaped (N, 28, 28, 1), ``y`` int64."""
 
@@ -56,13 +73,26 @@ def load_mnist(data_dir: str | None = None) -> Dataset:
     Raises ``DataError`` when a named folder lacks the files, a file is malformed, or no
     folder was named and the download fails; the message says which files to provide where.
     """
+    return _load(MNIST, data_dir)
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017: 28x28 grey images of 10 kinds of clothing, the same
+    IDX files and sizes as MNIST, and harder), by the same rules as :func:`load_mnist`."""
+    return _load(FASHION_MNIST, data_dir)
+
+
+def _load(source: Source, data_dir: str | None) -> Dataset:
     folder = data_dir if data_dir is not None else os.environ.get(ENV_VAR) or None
     if folder is not None:
-        return _load_folder(str(Path(folder).expanduser().resolve()))
-    cached = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "datasets" / NPZ_FILE
+        return _load_folder(str(Path(folder).expanduser().resolve()), source)
+    cached = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "datasets" / \
+        source.cache
     if cached.is_file():
         return _load_npz(str(cached.resolve()))
-    return _download()
+    if cached.is_dir():
+        return _load_folder(str(cached.resolve()), source)
+    return _download(source)
 
 
 def load_synthetic(num_train: int = 2000, num_test: int = 500, seed: int = 0,
@@ -93,22 +123,28 @@ def load_synthetic(num_train: int = 2000, num_test: int = 500, seed: int = 0,
     return _frozen(x_train, y_train, x_test, y_test)
 
 
+def _wanted(source: Source) -> str:
+    """The files a folder of ``source`` must hold, for error messages."""
+    return f"the {source.name} IDX .gz files" + (f" or {source.npz}" if source.npz else "")
+
+
 @functools.lru_cache(maxsize=8)
-def _load_folder(folder: str) -> Dataset:
-    """Read the IDX files in ``folder``, else its ``mnist.npz``; cached per resolved path."""
+def _load_folder(folder: str, source: Source = MNIST) -> Dataset:
+    """Read the IDX files in ``folder``, else its ``.npz``; cached per resolved path."""
     path = Path(folder)
     if not path.is_dir():
         raise DataError(f"data folder {folder} does not exist; pass --data-dir or set "
-                        f"{ENV_VAR} to a folder with the MNIST IDX .gz files or {NPZ_FILE}")
+                        f"{ENV_VAR} to a folder with {_wanted(source)}")
     found = [f for f in (_find(path, name) for name in IDX_FILES) if f is not None]
     if len(found) == len(IDX_FILES):
         parsed = [_parse_idx(f, magic) for f, magic in zip(found, IDX_MAGICS, strict=True)]
         return _from_uint8(*parsed, source=folder)
-    if (path / NPZ_FILE).is_file():
-        return _load_npz(str(path / NPZ_FILE))
-    raise DataError(f"no MNIST data in {folder}: expected {', '.join(f + '.gz' for f in IDX_FILES)}"
-                    f" (or without .gz) or {NPZ_FILE}; pass --data-dir or set {ENV_VAR} to such "
-                    "a folder")
+    if source.npz and (path / source.npz).is_file():
+        return _load_npz(str(path / source.npz))
+    npz = f" or {source.npz}" if source.npz else ""
+    raise DataError(f"no {source.name} data in {folder}: expected "
+                    f"{', '.join(f + '.gz' for f in IDX_FILES)} (or without .gz){npz}; pass "
+                    f"--data-dir or set {ENV_VAR} to such a folder")
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,17 +162,19 @@ def _load_npz(file: str) -> Dataset:
     return _from_uint8(*arrays, source=file)
 
 
-@functools.lru_cache(maxsize=1)
-def _download() -> Dataset:
-    """Fetch MNIST through Keras; imported lazily so other paths never load TensorFlow."""
+@functools.lru_cache(maxsize=2)
+def _download(source: Source = MNIST) -> Dataset:
+    """Fetch a data set through Keras; imported lazily so other paths never load TensorFlow."""
     try:
         import keras
 
-        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        module = getattr(keras.datasets, source.keras)
+        (x_train, y_train), (x_test, y_test) = module.load_data()
     except Exception as exc:
-        raise DataError(f"could not download MNIST ({exc}); pass --data-dir or set {ENV_VAR} to "
-                        f"a folder with the MNIST IDX .gz files or {NPZ_FILE}") from exc
-    return _from_uint8(x_train, y_train, x_test, y_test, source="keras.datasets.mnist")
+        raise DataError(f"could not download {source.name} ({exc}); pass --data-dir or set "
+                        f"{ENV_VAR} to a folder with {_wanted(source)}") from exc
+    return _from_uint8(x_train, y_train, x_test, y_test,
+                       source=f"keras.datasets.{source.keras}")
 
 
 def _find(folder: Path, name: str) -> Path | None:

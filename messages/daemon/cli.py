@@ -57,7 +57,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         "(built-ins: worker.models:mnist_cnn, mnist_mlp, tiny_cnn)")
     g.add_argument("--data", metavar="MODULE:FUNC",
                    help="data plug-in returning x_train, y_train, x_test, y_test "
-                        "(built-ins: worker.data:load_mnist, load_synthetic)")
+                        "(built-ins: worker.data:load_mnist, load_fashion_mnist, load_synthetic)")
     g.add_argument("--queue-type", choices=QUEUE_TYPES,
                    help="RabbitMQ queue type of the shared queues")
     g.add_argument("--updates-max-length", type=int, metavar="N",
