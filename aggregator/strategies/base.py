@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from scipy.linalg.blas import get_blas_funcs
 
 from messages.secagg.sealing import SealedSeed
 from messages.types import NDArray, NDArrays
@@ -57,6 +58,25 @@ class Outcome(enum.Enum):
     """The contribution was kept for a later apply; the weights are unchanged."""
     DISCARDED = "discarded"
     """The contribution was not used (late for a sync round, a duplicate, an unknown party)."""
+
+
+def axpy(a: float, x: NDArray, y: NDArray) -> None:
+    """``y += a * x`` in place in one pass over memory and no temporary: BLAS axpy (through
+    scipy) for contiguous float32/float64 arrays of one dtype, numpy otherwise. ``x`` is only
+    read."""
+    yf, xf = y.reshape(-1), x.reshape(-1)
+    if (y.dtype == x.dtype and y.dtype in _AXPY and yf.flags.c_contiguous
+            and np.shares_memory(yf, y)):
+        out = _AXPY[y.dtype](xf, yf, a=a)
+        if out is yf or np.shares_memory(out, yf):
+            return
+        yf[...] = out  # BLAS made a copy (cannot happen for contiguous arrays; kept safe)
+        return
+    y += np.multiply(x, a, dtype=y.dtype)
+
+
+_AXPY = {np.dtype(np.float32): get_blas_funcs("axpy", dtype=np.float32),
+         np.dtype(np.float64): get_blas_funcs("axpy", dtype=np.float64)}
 
 
 def _check_shapes(weights: Sequence[NDArray], delta: Sequence[NDArray], what: str) -> None:

@@ -15,6 +15,7 @@ from aggregator.strategies.base import (
     _check_name,
     _check_shapes,
     _load_optimizer,
+    axpy,
 )
 from aggregator.strategies.optimizers import Plain, ServerOptimizer, staleness_scaled
 from messages.errors import ConfigError
@@ -49,11 +50,9 @@ class FedAsync(Strategy):
         _check_shapes(weights, c.delta, f"delta from {c.party!r}")
         lr = staleness_scaled(self.alpha, c.staleness, self.staleness_threshold)
         coef = float(self.staleness(c.staleness)) * c.scale
-        if isinstance(self.optimizer, Plain):  # the hot path: one multiply, one add
-            self._scratch = scratch = _buffers_like(self._scratch, weights)
-            for w, d, tmp in zip(weights, c.delta, scratch, strict=True):
-                np.multiply(d, lr * coef, out=tmp)
-                np.add(w, tmp, out=w)
+        if isinstance(self.optimizer, Plain):  # the hot path: one pass, no temporary
+            for w, d in zip(weights, c.delta, strict=True):
+                axpy(lr * coef, d, w)
             return Outcome.APPLIED
         self._scratch = scratch = _buffers_like(self._scratch, weights)
         for d, tmp in zip(c.delta, scratch, strict=True):

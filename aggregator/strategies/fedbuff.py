@@ -17,6 +17,7 @@ from aggregator.strategies.base import (
     _check_name,
     _check_shapes,
     _load_optimizer,
+    axpy,
 )
 from aggregator.strategies.optimizers import Plain, ServerOptimizer, staleness_scaled
 from messages.errors import ConfigError
@@ -148,11 +149,8 @@ class FedBuff(Strategy):
         else:
             _check_shapes(weights, acc, "buffered sum")  # never drop a non-empty buffer
         self._acc = acc
-        self._scratch = scratch = _buffers_like(self._scratch, weights)
-        coef = weight * scale
-        for a, d, tmp in zip(acc, delta, scratch, strict=True):
-            np.multiply(d, coef, out=tmp)
-            np.add(a, tmp, out=a)
+        for a, d in zip(acc, delta, strict=True):
+            axpy(weight * scale, d, a)
         self._weight_sum += weight
 
     def _apply_sum(self, weights: NDArrays, lr: float) -> None:
@@ -235,7 +233,7 @@ class FedBuff(Strategy):
         for delta, n, s in kept:
             weight = n * float(self.staleness(s))
             for a, d in zip(acc, delta, strict=True):
-                np.add(a, np.multiply(d, weight, dtype=np.float32), out=a)
+                axpy(weight, np.asarray(d, dtype=np.float32), a)  # as _add_to_sum rounds
             total += weight
         return acc, total
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
+from aggregator.strategies.base import axpy
 from messages.errors import ConfigError
 from messages.types import NDArray, NDArrays
 
@@ -74,10 +75,8 @@ class Plain(ServerOptimizer):
     name: ClassVar[str] = "plain"
 
     def step(self, weights: NDArrays, direction: NDArrays, lr: float) -> None:
-        self._scratch = tmp = _zeros_like(self._scratch, weights)
-        for w, d, t in zip(weights, direction, tmp, strict=True):
-            np.multiply(d, lr, out=t)
-            np.add(w, t, out=w)
+        for w, d in zip(weights, direction, strict=True):
+            axpy(lr, d, w)
 
 
 class Momentum(ServerOptimizer):
