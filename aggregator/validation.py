@@ -15,6 +15,7 @@ import numpy as np
 from messages.errors import InvalidMessage
 from messages.types import NDArray, TensorSpec
 from messages.wire.bounds import SEQ_AHEAD, SEQ_RANGE
+from messages.wire.codec import all_finite
 from messages.wire.kinds import Message, Update
 
 
@@ -56,9 +57,13 @@ def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, ver
             raise InvalidMessage("dtype-mismatch", f"{name}: {array.dtype.name}, model has {dtype}")
         if array.shape != shape:
             raise InvalidMessage("shape-mismatch", f"{name}: {array.shape}, model has {shape}")
-        if not masked and not _within(array, max_abs):
-            # finite but huge values would overflow the weights to inf in a few applies
-            raise InvalidMessage("out-of-range", f"{name}: |value| > {max_abs:g}")
+        if not masked:
+            problem = _values(array, max_abs)
+            if problem == "non-finite":
+                raise InvalidMessage("non-finite", f"tensor {name!r} holds NaN or Inf")
+            if problem:
+                # finite but huge values would overflow the weights to inf in a few applies
+                raise InvalidMessage("out-of-range", f"{name}: |value| > {max_abs:g}")
     if msg.base_version > version:
         raise InvalidMessage("future-version", f"base version {msg.base_version} > current "
                                                f"{version}")
@@ -82,14 +87,26 @@ def seq_window(incarnation: int, last_seq: int) -> tuple[int, int]:
     return max(0, start - SEQ_RANGE), hi
 
 
-def _within(array: NDArray, max_abs: float) -> bool:
-    """Whether every ``|value| <= max_abs``, usually in one BLAS pass.
+def _values(array: NDArray, max_abs: float) -> str | None:
+    """``None`` when every value is finite with ``|value| <= max_abs``, else
+    ``"non-finite"`` or ``"out-of-range"``: usually one BLAS pass, no temporary.
 
-    No element can exceed the square root of the sum of squares, so a small enough sum
-    settles it (the factor 4 covers any rounding of the float32 sum); only an update near the
-    bound needs min and max (two passes, but no full-size temporary as ``np.abs`` makes).
+    A NaN or infinite element makes the sum of squares NaN or infinite, and no element can
+    exceed its square root, so a small finite sum settles both checks at once (the factor 4
+    covers any rounding of the float32 sum). Otherwise the exact checks decide: an update
+    near the bound, or a bad one, costs more passes, an honest one never does. Updates are
+    decoded without the codec's own finite check (``decode(..., finite=False)``), so this is
+    the one pass over each delta before it is applied.
     """
     flat = array.reshape(-1)
-    if flat.dtype in (np.float32, np.float64) and float(np.dot(flat, flat)) <= max_abs**2 / 4:
-        return True
-    return not flat.size or max(-float(flat.min()), float(flat.max())) <= max_abs
+    if flat.dtype in (np.float32, np.float64):
+        squares = float(np.dot(flat, flat))
+        if squares <= max_abs**2 / 4:  # False for NaN
+            return None
+        if not all_finite(flat):
+            return "non-finite"
+    elif flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return "non-finite"
+    if flat.size and max(-float(flat.min()), float(flat.max())) > max_abs:
+        return "out-of-range"
+    return None

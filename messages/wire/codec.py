@@ -184,12 +184,15 @@ _WIRE_NAMES = {dt: name for name, dt in ALLOWED_DTYPES.items()} | {
     dt.newbyteorder(">"): name for name, dt in ALLOWED_DTYPES.items()}
 
 
-def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES, *,
+           finite: bool = True) -> Message:
     """Parse and validate a message body.
 
     Raises ``InvalidMessage`` (and nothing else) when the body is too large, not msgpack,
     not a map, of an unknown schema version or kind, lacks a field, has a field of the wrong
-    type, holds a malformed or non-finite tensor, or an out-of-range count.
+    type, holds a malformed or non-finite tensor, or an out-of-range count. ``finite=False``
+    leaves the NaN/Inf check of raw float tensors to the caller, who must make it before the
+    values are used (the aggregator's validation does, in the same pass as its range check).
     """
     if len(body) > max_bytes:
         raise InvalidMessage("too-large", f"{len(body)} bytes > limit {max_bytes}")
@@ -203,7 +206,7 @@ def decode(body: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Mess
     if cls is None:
         raise InvalidMessage("unknown-kind", f"kind {_show(kind)}")
     try:
-        return _build(cls, raw, max_bytes)
+        return _build(cls, raw, max_bytes, finite)
     except InvalidMessage:
         raise
     except Exception as exc:  # a gap in the checks above must not take a daemon down
@@ -308,10 +311,13 @@ def _check_version(raw: Mapping[str, Any]) -> None:
                                             f"this build reads {SCHEMA_VERSION}")
 
 
-def _build(cls: type[Message], raw: dict[str, Any], max_bytes: int) -> Message:
+def _build(cls: type[Message], raw: dict[str, Any], max_bytes: int, finite: bool = True
+           ) -> Message:
     tensors_check: Checker | None = None
     if cls is Update and raw.get("encoding", "float32") != "float32":
         tensors_check = _encoded_checker(raw["encoding"], max_bytes)
+    elif not finite:
+        tensors_check = _unchecked_tensors
     values: dict[str, Any] = {}
     for f in _SPECS.get(cls) or _fields_of(cls):
         if f.name not in raw:
@@ -498,7 +504,7 @@ def _tensor_name(tname: str) -> None:
                                          f"{bounds.MAX_TENSOR_NAME} printable characters")
 
 
-def _tensors(name: str, x: Any) -> Tensors:
+def _tensors(name: str, x: Any, finite: bool = True) -> Tensors:
     if not isinstance(x, list):
         raise _wrong(name, "a list of [name, dtype, shape, bytes]", x)
     _entries(name, x, bounds.MAX_TENSORS)
@@ -530,10 +536,13 @@ def _tensors(name: str, x: Any) -> Tensors:
             array: NDArray = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
         except (ValueError, TypeError) as exc:  # e.g. an empty array with absurd dimensions
             raise InvalidMessage("bad-shape", f"tensor {tname!r}: {exc}") from None
-        if dtype.kind == "f" and not all_finite(array):
+        if finite and dtype.kind == "f" and not all_finite(array):
             raise InvalidMessage("non-finite", f"tensor {tname!r} holds NaN or Inf")
         out[tname] = array
     return out
+
+
+_unchecked_tensors: Checker = functools.partial(_tensors, finite=False)
 
 
 def all_finite(array: NDArray) -> bool:
