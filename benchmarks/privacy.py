@@ -15,6 +15,16 @@ difference to the no-privacy run of the same invocation, and each party's epsilo
 
     python -m benchmarks.privacy --data-dir DIR [--seconds 60] [--noise 0 0.01 0.03 0.1 1]
 
+``--mode dp-sgd`` measures record-level privacy instead (``--dp-sgd``, ``worker/dpsgd.py``):
+one federation per ``--runs`` entry ``EPS:Z:B`` (target epsilon per party, noise multiplier,
+expected batch size), with the DP-SGD CNN (``worker.models:dp_cnn``), FedAsync's defaults
+otherwise, ``--l2-clip``, ``--learning-rate`` and ``--local-steps``. Each party trains until
+its next round would pass EPS (``--target-epsilon``) and leaves; once both have left, the
+aggregator evaluates the final global model. The table shows the test accuracy, each party's
+epsilon and steps, the wall time and the per-example gradients per second of the run.
+
+    python -m benchmarks.privacy --mode dp-sgd --data-dir DIR [--runs 1.2:2.0:500 ...]
+
 MNIST comes from ``--data-dir`` or ``DFL_DATA_DIR`` (else Keras's cache, downloading once).
 The noise is drawn from fresh entropy, as in a real party, so runs are not bit-reproducible.
 """
@@ -26,17 +36,20 @@ import logging
 import math
 import os
 import platform
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tabulate import tabulate
 
-from aggregator import AggregatorConfig
+from aggregator import Aggregator, AggregatorConfig
 from deploy.launcher import run_federation
 from messages.types import NDArrays
 from worker import Worker, WorkerConfig
+from worker.accounting import StepLedger
 from worker.trainers import build_trainer
 
 if TYPE_CHECKING:
@@ -101,6 +114,75 @@ def run(args: argparse.Namespace, clip: float | None, sigma: float) -> dict[str,
             "epsilon": [w.stats.epsilon for w in workers]}
 
 
+def run_dp_sgd(args: argparse.Namespace, target: float, z: float, batch: int
+               ) -> dict[str, Any]:
+    """One DP-SGD federation until both parties spent ``target``; accuracy, epsilon, time."""
+    broker = f"memory://privacy-{uuid.uuid4().hex[:8]}"
+    shared: dict[str, Any] = {"broker": broker, "seed": args.seed, "model": args.model,
+                              "data": "worker.data:load_mnist"}
+    if args.data_dir:
+        shared["data_dir"] = args.data_dir
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="dfl-dp-sgd-") as state:
+        agg = Aggregator(AggregatorConfig(
+            **shared, min_parties=args.parties, max_seconds=args.seconds,
+            local_steps=args.local_steps, batch_size=batch, learning_rate=args.learning_rate,
+            eval_every_seconds=max(args.seconds / 5, 30.0))).start()
+        workers = [Worker(WorkerConfig(**shared, party_id=i, num_parties=args.parties,
+                                       dp_sgd=True, noise_multiplier=z, l2_clip=args.l2_clip,
+                                       target_epsilon=target, dp_delta=args.delta,
+                                       state_dir=state)).start()
+                   for i in range(args.parties)]
+        try:
+            for w in workers:  # each leaves once its next round would pass the target
+                w.wait(args.seconds + 120)
+            sent = sum(w.stats.updates_sent for w in workers)
+            deadline = time.monotonic() + 60
+            while agg.status.updates < sent and time.monotonic() < deadline:
+                time.sleep(0.2)  # the last updates are still in the queue
+        finally:
+            agg.stop("every party spent its budget")
+            agg.wait(900)
+            for w in workers:
+                w.stop()
+                w.wait(60)
+        steps = [StepLedger(Path(state) / f"party-{i}").steps for i in range(args.parties)]
+    last = agg.history[-1] if agg.history else None
+    return {"accuracy": None if last is None else float(last["accuracy"]),
+            "versions": agg.status.version, "updates": agg.status.updates,
+            "sent": [w.stats.updates_sent for w in workers],
+            "epsilon": [w.stats.epsilon for w in workers], "steps": steps,
+            "stopped": [w.stats.stopped_by for w in workers],
+            "seconds": time.monotonic() - started}
+
+
+def dp_sgd_main(args: argparse.Namespace) -> int:
+    """``--mode dp-sgd``: one federation per ``--runs`` entry, then the table."""
+    defaults = AggregatorConfig(broker="memory://", evaluate=False)
+    print(f"DP-SGD: {args.parties} parties, {args.model}, FedAsync (alpha "
+          f"{defaults.mixing_alpha}, {defaults.staleness} staleness), IID, {args.local_steps} "
+          f"local steps, lr {args.learning_rate}, clip {args.l2_clip}, delta {args.delta:g}; "
+          f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
+          flush=True)
+    rows: list[list[Any]] = []
+    for spec in args.runs:
+        target, z, batch = (float(v) for v in spec.split(":"))
+        r = run_dp_sgd(args, target, z, int(batch))
+        examples = sum(r["steps"]) * batch
+        row = [f"{target:g}", f"{z:g}", f"{int(batch)}",
+               "/".join(map(str, r["steps"])), "/".join(map(str, r["sent"])),
+               show_epsilon(r["epsilon"]),
+               "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}",
+               f"{r['seconds']:.0f}", f"{examples / r['seconds']:.0f}"]
+        rows.append(row)
+        print("  " + " | ".join(row) + f" ({r['stopped'][0] or 'not stopped'})", flush=True)
+    print(tabulate(rows, headers=["target epsilon", "noise Z", "batch B", "steps per party",
+                                  "updates per party", f"epsilon per party (delta {args.delta:g})",
+                                  "test accuracy %", "wall s", "examples/s"],
+                   tablefmt="github", disable_numparse=True))
+    return 0
+
+
 def describe_norms(norms: list[float]) -> str:
     if not norms:
         return "no deltas recorded"
@@ -130,12 +212,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta", type=float, default=1e-5,
                         help="delta of the reported epsilon (default: 1e-5)")
     parser.add_argument("--parties", type=int, default=2, help="parties (default: 2)")
-    parser.add_argument("--model", default="worker.models:mnist_cnn")
+    parser.add_argument("--model", help="default: worker.models:mnist_cnn, or dp_cnn with "
+                                            "--mode dp-sgd")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=("party", "dp-sgd"), default="party",
+                        help="party: --dp-clip/--dp-noise on each update (default); dp-sgd: "
+                             "record-level DP-SGD inside each party")
+    dp = parser.add_argument_group("--mode dp-sgd")
+    dp.add_argument("--runs", nargs="+", default=["1.2:2.0:500", "3:1.3:500", "8:0.8:500"],
+                    metavar="EPS:Z:B", help="target epsilon, noise multiplier and expected "
+                                             "batch size of each run (default: 1.2:2.0:500 "
+                                             "3:1.3:500 8:0.8:500)")
+    dp.add_argument("--l2-clip", type=float, default=1.0, help="default: 1.0")
+    dp.add_argument("--learning-rate", type=float, default=1.0, help="default: 1.0")
+    dp.add_argument("--local-steps", type=int, default=50, help="default: 50")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices per party
+    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP orders that do not converge
+    if args.mode == "dp-sgd":
+        args.model = args.model or "worker.models:dp_cnn"
+        if args.seconds == parser.get_default("seconds"):
+            args.seconds = 600.0  # a cap: each run ends when the budgets are spent
+        return dp_sgd_main(args)
+    args.model = args.model or "worker.models:mnist_cnn"
 
     defaults = AggregatorConfig(broker="memory://", evaluate=False)
     print(f"{args.parties} parties, {args.model}, FedAsync defaults (alpha "

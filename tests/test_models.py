@@ -8,16 +8,27 @@ import keras
 import pytest
 
 from worker.data import load_synthetic
-from worker.models import mnist_cnn, mnist_mlp, tiny_cnn
+from worker.models import dp_cnn, mnist_cnn, mnist_mlp, tiny_cnn
 
 MODELS: list[Callable[[], keras.Model]] = [mnist_cnn, mnist_mlp, tiny_cnn]
+ALL_MODELS = [*MODELS, dp_cnn]
 
 
 def test_mnist_cnn_has_the_keras_example_parameter_count() -> None:
     assert mnist_cnn().count_params() == 1_199_882
 
 
-@pytest.mark.parametrize("build", MODELS, ids=lambda build: build.__name__)
+def test_dp_cnn_is_the_tensorflow_privacy_tutorial_cnn_with_logits() -> None:
+    model = dp_cnn()
+    assert model.count_params() == 26_010
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+    assert model.output_shape == (None, 10)
+    assert model.loss.get_config()["from_logits"] is True
+    assert type(model.optimizer).__name__ == "SGD"
+
+
+@pytest.mark.parametrize("build", ALL_MODELS, ids=lambda build: build.__name__)
 def test_weight_paths_are_unique_and_identical_across_builds(
         build: Callable[[], keras.Model]) -> None:
     first = [w.path for w in build().weights]

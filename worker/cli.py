@@ -47,14 +47,35 @@ def add_partition_options(parser: argparse.ArgumentParser) -> None:
 
 def add_privacy_options(parser: argparse.ArgumentParser) -> None:
     """Each party's differential privacy; shared by ``dfl worker`` and ``dfl run``."""
-    dp = parser.add_argument_group("differential privacy (party-level, added by each party)")
-    dp.add_argument("--dp-clip", type=float, metavar="C",
-                    help="clip each update's delta to this L2 norm (over all tensors)")
-    dp.add_argument("--dp-noise", type=float, metavar="SIGMA",
-                    help="then add Gaussian noise of std SIGMA*C to every coordinate (needs "
-                         "--dp-clip); the epsilon spent is logged with each update sent")
+    dp = parser.add_argument_group(
+        "differential privacy of each record (DP-SGD inside local training; "
+        "docs/privacy.md)")
+    dp.add_argument("--dp-sgd", action="store_true",
+                    help="train with DP-SGD: Poisson-sampled batches (rate batch size / shard "
+                         "size), each example's gradient clipped to --l2-clip, Gaussian noise "
+                         "of std Z*C on their sum; epsilon is logged and sent with each update")
+    dp.add_argument("--noise-multiplier", type=float, metavar="Z",
+                    help="with --dp-sgd, the noise's std in units of the clip norm")
+    dp.add_argument("--l2-clip", type=float, metavar="C",
+                    help="with --dp-sgd, the L2 norm each example's gradient is clipped to")
+    dp.add_argument("--target-epsilon", type=float, metavar="EPS",
+                    help="with --dp-sgd, leave the federation before a round would take "
+                         "epsilon (at --dp-delta) past EPS")
+    dp.add_argument("--state-dir", metavar="DIR",
+                    help="where each party keeps its DP-SGD step ledger (DIR/party-ID/): keep "
+                         "it across restarts, or epsilon starts again from zero")
     dp.add_argument("--dp-delta", type=float, metavar="DELTA",
-                    help="the delta at which epsilon is reported")
+                    help="the delta at which epsilon is reported (both kinds)")
+    party = parser.add_argument_group(
+        "differential privacy of each party's whole data (added to each update)")
+    party.add_argument("--dp-clip", type=float, metavar="C",
+                       help="clip each update's delta to this L2 norm (over all tensors)")
+    party.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                       help="then add Gaussian noise of std SIGMA*C to every coordinate (needs "
+                            "--dp-clip); the epsilon spent is logged with each update sent. "
+                            "Protects a party's whole data set, not one record: it fits many "
+                            "parties and a large FedBuff --buffer-k, whose average divides the "
+                            "noise by sqrt(K); with few parties the noise swamps the model")
 
 
 def add_compression_options(parser: argparse.ArgumentParser) -> None:

@@ -43,6 +43,13 @@ class WorkerConfig(FederationSettings):
     dp_clip: float | None = Field(default=None, gt=0)
     dp_noise: float = Field(default=0.0, ge=0)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    # record-level differential privacy: DP-SGD inside local training (worker/dpsgd.py),
+    # its steps counted in a ledger under state_dir (worker/accounting.py)
+    dp_sgd: bool = False
+    noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    l2_clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    target_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    state_dir: str = "dfl-state"
     # how the deltas travel (messages/wire/compression.py), with error feedback
     # (worker/compression.py)
     encoding: Encoding = "float32"
@@ -80,7 +87,24 @@ class WorkerConfig(FederationSettings):
         if self.dp_noise > 0 and self.dp_clip is None:
             raise ValueError(f"--dp-noise {self.dp_noise:g} needs --dp-clip: the noise is "
                              "SIGMA times the clip norm")
+        self._check_dp_sgd()
         return self
+
+    def _check_dp_sgd(self) -> None:
+        if not self.dp_sgd:
+            given = [flag for flag, value in (("--noise-multiplier", self.noise_multiplier),
+                                              ("--l2-clip", self.l2_clip),
+                                              ("--target-epsilon", self.target_epsilon))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{given[0]} is a DP-SGD setting: add --dp-sgd")
+            return
+        if self.noise_multiplier is None or self.l2_clip is None:
+            raise ValueError("--dp-sgd needs --noise-multiplier Z and --l2-clip C (e.g. 1.1 "
+                             "and 1.0, as in TensorFlow Privacy's MNIST tutorial)")
+        if self.dp_clip is not None:
+            raise ValueError("--dp-sgd and --dp-clip: choose one (record-level DP-SGD, or "
+                             "party-level clipping and noise of each update)")
 
     def _missing_keys(self) -> tuple[list[str], str]:
         missing = [flag for flag, value in (("--signing-key", self.signing_key),

@@ -33,6 +33,6 @@ class WorkerMetrics(MetricsEndpoint):
         self.updates_sent = Counter("dfl_worker_updates_sent",
                                     "Updates the broker confirmed", registry=r)
         self.epsilon = Gauge("dfl_worker_dp_epsilon",
-                             "Differential-privacy epsilon spent by the updates sent "
-                             "(with --dp-noise)", registry=r)
+                             "Differential-privacy epsilon spent so far (party-level "
+                             "with --dp-noise, per record with --dp-sgd)", registry=r)
         self.serve(port)

@@ -15,8 +15,9 @@ its own, whatever its staleness or mixing weight, so ``T`` updates compose as ``
 mechanisms. ``dp-accounting``'s RDP accountant turns that into epsilon at the chosen delta.
 
 Because each party adds its own noise, nothing is averaged away before the aggregator sees
-it: with few parties, useful accuracy needs a small ``sigma`` and so a large epsilon.
-Per-example (record-level) guarantees would need DP-SGD inside ``fit``; not done here.
+it: with few parties, useful accuracy needs a small ``sigma`` and so a large epsilon. It fits
+many parties whose updates are averaged (FedBuff with a large K). Record-level guarantees
+come from DP-SGD inside local training instead (``--dp-sgd``, ``worker/dpsgd.py``).
 """
 
 from __future__ import annotations

@@ -54,7 +54,13 @@ from messages.wire.signing import (
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.pipeline import DeltaStage, Outgoing, PrivacyStage, stages_for
-from worker.trainers import Trainer, TrainerFactory, TrainResult, build_trainer
+from worker.trainers import (
+    StopTraining,
+    Trainer,
+    TrainerFactory,
+    TrainResult,
+    build_trainer,
+)
 
 log = logging.getLogger("dfl.worker")
 SOFTWARE = f"dfl/{metadata.version('deep-federated-learning')} schema/{SCHEMA_VERSION}"
@@ -305,7 +311,11 @@ class Worker(BackgroundService):
                     broker.process_events(0.1)
                     self._heartbeat(broker)
                 self._training = None
-                result = job.result()
+                try:
+                    result = job.result()
+                except StopTraining as exc:  # e.g. DP-SGD's --target-epsilon reached
+                    self.stop(str(exc))
+                    break
                 if result is None:  # interrupted by stop
                     break
                 delta, metrics = result
@@ -318,6 +328,9 @@ class Worker(BackgroundService):
                     self.stats.epsilon = self._privacy.epsilon
                     if "epsilon" in out.metrics:
                         self.metrics.epsilon.set(out.metrics["epsilon"])
+                elif "epsilon" in out.metrics:  # the trainer's own (DP-SGD: worker/dpsgd.py)
+                    self.stats.epsilon = out.metrics["epsilon"]
+                    self.metrics.epsilon.set(out.metrics["epsilon"])
                 update = Update(self.config.party, self._next_seq, base_version,
                                 len(trainer.y), out.tensors, out.metrics, self.config.encoding,
                                 sealed_seed=out.sealed_seed,

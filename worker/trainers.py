@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from messages.daemon.plugins import load_dataset
+from messages.errors import FederationError
 from messages.types import NDArray, NDArrays, Tensors
 from worker.partition import partition_indices
 
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dfl.worker")
 TrainResult = tuple[NDArrays, dict[str, float]] | None
+
+
+class StopTraining(FederationError):
+    """Raised by ``train`` when this party must not train any more (e.g. ``--target-epsilon``
+    reached); the message is the reason the worker stops with."""
 
 
 class Trainer(Protocol):
@@ -111,9 +117,8 @@ class Slowed(TrainerWrapper):
 
 
 def build_trainer(config: WorkerConfig, party_id: int) -> Trainer:
-    """The default factory: this party's shard of the data plug-in, a Keras trainer, and the
-    simulated slowdown when ``--slowdown`` asks for one."""
-    from worker.training import LocalTrainer  # imports Keras: only where training happens
+    """The default factory: this party's shard of the data plug-in, a Keras trainer (DP-SGD
+    with ``--dp-sgd``), and the simulated slowdown when ``--slowdown`` asks for one."""
 
     data = load_dataset(config.data, config.data_dir)
     shard = partition_indices(data.y_train, config.num_parties, config.partition,
@@ -121,8 +126,17 @@ def build_trainer(config: WorkerConfig, party_id: int) -> Trainer:
                               seed=config.seed)[party_id]
     log.info("party %d: %d training samples (%s partition)", party_id, len(shard),
              config.partition)
-    trainer: Trainer = LocalTrainer(config.model, data.x_train[shard], data.y_train[shard],
-                                    seed=config.seed + party_id)
+    trainer: Trainer
+    if config.dp_sgd:
+        from worker.dpsgd import DpSgdTrainer  # imports TensorFlow
+
+        trainer = DpSgdTrainer.from_config(config, party_id, data.x_train[shard],
+                                           data.y_train[shard])
+    else:
+        from worker.training import LocalTrainer  # imports Keras: only where training happens
+
+        trainer = LocalTrainer(config.model, data.x_train[shard], data.y_train[shard],
+                               seed=config.seed + party_id)
     if config.slowdown > 1 or config.slowdown_sigma > 0:
         trainer = Slowed(trainer, config.slowdown, config.slowdown_sigma,
                          seed=config.seed + party_id)
