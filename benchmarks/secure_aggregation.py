@@ -1,12 +1,16 @@
 """What secure aggregation costs: FedBuff with and without it, in the same run.
 
-Two federations in this process over their own ``memory://`` broker, one after the other,
-with the same seed, data, model and budget: FedBuff (mean, ``--buffer-k``) with ``--parties``
-parties, then the same with ``--secure-aggregation``, signed keys made in a temporary folder,
-and a helper on its own thread. Each stops at ``--target`` accuracy or after ``--seconds``.
+Federations in this process over their own ``memory://`` broker, one after the other, with
+the same seed, data, model and budget: FedBuff (mean, ``--buffer-k``) with ``--parties``
+parties, and the same with ``--secure-aggregation`` (signed keys made in a temporary folder,
+a helper on its own thread). Each stops at ``--target`` accuracy or after ``--seconds``.
+``--repeat`` pairs run in the order plain, secure, secure, plain, ... so that a drift of the
+machine's speed during the benchmark weighs on both alike; one run's crossing of the target
+moves by tens of seconds from run to run, so medians are compared.
 
-Printed: wall time to ``--target`` (from each federation's evaluation log) and its ratio,
-final accuracy and the difference, updates applied, bytes of one update body on the wire
+Printed: per run and as medians, wall time to ``--target`` (from the evaluation of model
+version 0, so start-up is not counted) and its ratio, final accuracy and the difference,
+updates applied, bytes of one update body on the wire
 (the encoded ``Update`` of the model's delta, plain float32 against masked uint32 with its
 sealed seed and signature), the helper's CPU time per update (its thread's CPU, measured in
 the helper), and exactness: ``--buffer-k`` synthetic deltas of the model's size are masked as
@@ -22,8 +26,10 @@ MNIST comes from ``--data-dir`` or ``DFL_DATA_DIR``.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -99,7 +105,9 @@ def federation(args: argparse.Namespace, secure: bool, keys: tuple[Path, Path] |
             helper.stop()
             helper.wait(30)
     wall = time.monotonic() - began
-    reached = next((r["time"] for r in agg.history if r["accuracy"] >= args.target), None)
+    start = agg.history[0]["time"] if agg.history else 0.0
+    reached = next((r["time"] - start for r in agg.history if r["accuracy"] >= args.target),
+                   None)
     last = agg.history[-1] if agg.history else None
     out: dict[str, Any] = {"time": reached, "accuracy": None if last is None else last["accuracy"],
                            "updates": agg.status.updates, "versions": agg.status.version,
@@ -176,35 +184,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.98)
     parser.add_argument("--eval-every", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each (default 3)")
     args = parser.parse_args(argv)
+    runs: dict[str, list[dict[str, Any]]] = {"fedbuff": [], "fedbuff + secure": []}
     with tempfile.TemporaryDirectory() as tmp:
         keys = make_keys(Path(tmp), args.parties)
-        plain = federation(args, False, None)
-        secure = federation(args, True, keys)
-        plain_bytes, masked_bytes = update_bytes(plain["weights"], keys, args.buffer_k)
-        error, bound = exactness(plain["weights"], keys, args.buffer_k)
+        for i in range(args.repeat):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for secure in order:
+                r = federation(args, secure, keys if secure else None)
+                runs["fedbuff + secure" if secure else "fedbuff"].append(r)
+                print(f"{'secure' if secure else 'plain '} run {i}: {show(r['time'])} s to "
+                      f"{args.target}, final {show(r['accuracy'], '.4f')}", flush=True)
+        weights = runs["fedbuff"][0]["weights"]
+        plain_bytes, masked_bytes = update_bytes(weights, keys, args.buffer_k)
+        error, bound = exactness(weights, keys, args.buffer_k)
 
-    def show(x: float | None, fmt: str = ".1f") -> str:
-        return "-" if x is None else format(x, fmt)
-
-    rows = [[name, show(r["time"]), show(r["accuracy"], ".4f"), r["updates"], r["versions"],
-             show(r["wall"])] for name, r in (("fedbuff", plain), ("fedbuff + secure", secure))]
+    rows, medians = [], {}
+    for name, rs in runs.items():
+        times = sorted(r["time"] if r["time"] is not None else math.inf for r in rs)
+        medians[name] = (statistics.median(times),
+                         statistics.median(r["accuracy"] for r in rs if r["accuracy"]))
+        rows.append([name, " ".join(show(t, ".0f") for t in times),
+                     show(medians[name][0]), show(medians[name][1], ".4f"),
+                     " ".join(show(r["accuracy"], ".4f") for r in rs),
+                     round(statistics.fmean(r["updates"] for r in rs))])
     print(f"{platform.node()} {platform.machine()}, {args.parties} parties, FedBuff k="
-          f"{args.buffer_k}, target {args.target}, budget {args.seconds:g} s, seed {args.seed}")
-    print(tabulate(rows, headers=["run", f"s to {args.target}", "final accuracy", "updates",
-                                  "versions", "wall s"]))
-    if plain["time"] and secure["time"]:
-        print(f"time to target: {secure['time'] / plain['time']:.2f}x (goal <= 1.3x)")
-    if plain["accuracy"] is not None and secure["accuracy"] is not None:
-        print(f"final accuracy: {100 * (secure['accuracy'] - plain['accuracy']):+.2f} points "
-              "(goal within 0.2)")
+          f"{args.buffer_k}, target {args.target}, budget {args.seconds:g} s, seed {args.seed}, "
+          f"{args.repeat} runs each")
+    print(tabulate(rows, headers=["run", f"s to {args.target} (each)", "median s",
+                                  "median final", "finals", "updates (mean)"]))
+    (t_plain, a_plain), (t_secure, a_secure) = medians["fedbuff"], medians["fedbuff + secure"]
+    if math.isfinite(t_plain) and math.isfinite(t_secure):
+        print(f"time to target: {t_secure / t_plain:.2f}x (goal <= 1.3x)")
+    print(f"final accuracy: {100 * (a_secure - a_plain):+.2f} points (goal within 0.2)")
+    helper_ms = statistics.fmean(r["helper_ms_per_update"] for r in runs["fedbuff + secure"])
+    refused = sum(r["helper_refused"] for r in runs["fedbuff + secure"])
     print(f"bytes per update: {plain_bytes} plain, {masked_bytes} masked, "
           f"{masked_bytes / plain_bytes:.4f}x (goal <= 1.05x)")
-    print(f"helper CPU per update: {secure.get('helper_ms_per_update', 0):.2f} ms "
-          f"(refused sets: {secure.get('helper_refused', 0)})")
+    print(f"helper CPU per update: {helper_ms:.2f} ms (refused sets: {refused})")
     print(f"exactness: max |unmasked mean - plain mean| = {error:.3g}, bound 1/scale = "
           f"{bound:.3g} ({'within' if error <= bound else 'OUTSIDE'} the bound)")
     return 0
+
+
+def show(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
 if __name__ == "__main__":
