@@ -88,6 +88,10 @@ def add_strategy_options(parser: argparse.ArgumentParser) -> None:
                    help="minibatches a party trains per update")
     t.add_argument("--batch-size", type=int, help="local minibatch size")
     t.add_argument("--learning-rate", type=float, help="local Adam learning rate")
+    t.add_argument("--proximal-mu", type=float, metavar="MU",
+                   help="FedProx: parties add MU/2 * ||w - w_base||^2 to their local loss, "
+                        "pulling local training towards the model it started from (helps "
+                        "under skewed data; 0 = off)")
     s = parser.add_argument_group("stopping and output")
     s.add_argument("--min-parties", type=int,
                    help="parties that must join before model version 0 is released")

@@ -55,6 +55,7 @@ class AggregatorConfig(FederationSettings):
     local_steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
+    proximal_mu: float = Field(default=0.0, ge=0)  # FedProx's mu (worker/training.py)
     # stopping
     target_accuracy: float | None = Field(default=None, gt=0, le=1)
     max_seconds: float | None = Field(default=None, gt=0)
@@ -138,6 +139,8 @@ class AggregatorConfig(FederationSettings):
         settings: Settings = {"local_steps": self.local_steps, "batch_size": self.batch_size,
                               "learning_rate": self.learning_rate, "sync": self.sync,
                               "strategy": self.strategy}
+        if self.proximal_mu > 0:  # sent only when used: older parties never see it
+            settings["proximal_mu"] = self.proximal_mu
         if self.secure_aggregation:
             settings.update(secure_aggregation=True, secagg_clip=self.secagg_clip,
                             secagg_scale=scale_for(self.secagg_clip, self.buffer_k,

@@ -93,11 +93,12 @@ class TimedTrainer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> tuple[NDArrays, dict[str, float]] | None:
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> tuple[NDArrays, dict[str, float]] | None:
         began = time.perf_counter()
         try:
-            return self.inner.train(base, steps, batch_size, learning_rate)
+            return self.inner.train(base, steps, batch_size, learning_rate,
+                                   proximal_mu=proximal_mu)
         finally:
             with self.record.lock:
                 self.record.train.append((began, time.perf_counter()))

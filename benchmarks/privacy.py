@@ -68,9 +68,10 @@ class NormRecorder:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.honest, name)
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> tuple[NDArrays, dict[str, float]] | None:
-        result = self.honest.train(base, steps, batch_size, learning_rate)
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> tuple[NDArrays, dict[str, float]] | None:
+        result = self.honest.train(base, steps, batch_size, learning_rate,
+                                   proximal_mu=proximal_mu)
         if result is not None:
             delta = result[0]
             self.norms.append(math.sqrt(sum(float(np.dot(d.ravel(), d.ravel()))

@@ -53,10 +53,11 @@ class Counted(TrainerWrapper):
 
     rounds = 0
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> TrainResult:
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> TrainResult:
         Counted.rounds += 1
-        return self.inner.train(base, steps, batch_size, learning_rate)
+        return self.inner.train(base, steps, batch_size, learning_rate,
+                                   proximal_mu=proximal_mu)
 
 
 def marked(out: Outgoing) -> Outgoing:  # a delta stage: tags every update it sends

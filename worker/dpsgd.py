@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from messages.daemon.plugins import build_model
-from messages.errors import ConfigError
+from messages.errors import ConfigError, FederationError
 from messages.types import NDArray, NDArrays, Tensors
 from worker.accounting import StepLedger, StepSetting
 from worker.trainers import StopTraining
@@ -258,10 +258,14 @@ class DpSgdTrainer:
         return StepSetting(self.noise_multiplier, min(1.0, batch_size / len(self.y)),
                            self.l2_clip)
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> tuple[NDArrays, dict[str, float]] | None:
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> tuple[NDArrays, dict[str, float]] | None:
         """``steps`` DP-SGD steps from ``base``: the delta and its metrics, ``None`` when
         interrupted, ``StopTraining`` when the round would exceed ``target_epsilon``."""
+        if proximal_mu > 0:  # never train without a term the federation asked for
+            raise FederationError("--dp-sgd does not add FedProx's proximal term: run this "
+                                  "federation without --proximal-mu, or this party without "
+                                  "--dp-sgd")
         setting = self.setting(batch_size)
         if self.target_epsilon is not None:
             after = self.ledger.epsilon(self.delta, setting, steps)

@@ -347,8 +347,9 @@ class Worker(BackgroundService):
                 self._heartbeat(broker)
                 continue
             base: NDArrays = [model.tensors[name] for name in trainer.names]
+            options = {"proximal_mu": float(s["proximal_mu"])} if s.get("proximal_mu") else {}
             job = self._pool.submit(trainer.train, base, int(s["local_steps"]),
-                                    int(s["batch_size"]), float(s["learning_rate"]))
+                                    int(s["batch_size"]), float(s["learning_rate"]), **options)
             job.add_done_callback(lambda _job: self._wake(broker))
             self._training = (model.version, job)
             self._last_base = model.version

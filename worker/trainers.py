@@ -6,10 +6,11 @@ this party's shard, a Keras ``LocalTrainer``). To change what training does (tim
 norms, scale deltas for an attack benchmark), wrap the default one:
 
     class Timed(TrainerWrapper):
-        def train(self, base, steps, batch_size, learning_rate):
+        def train(self, base, steps, batch_size, learning_rate, *, proximal_mu=0.0):
             began = time.perf_counter()
             try:
-                return self.inner.train(base, steps, batch_size, learning_rate)
+                return self.inner.train(base, steps, batch_size, learning_rate,
+                                        proximal_mu=proximal_mu)
             finally:
                 record(time.perf_counter() - began)
 
@@ -18,8 +19,11 @@ norms, scale deltas for an attack benchmark), wrap the default one:
 A ``Trainer`` must provide what the daemon reads: ``names`` (tensor names in model order),
 ``y`` (the shard's labels: the sample count), ``interrupted`` (an ``Event`` that makes
 ``train`` return ``None`` early), ``initial()`` (the freshly initialised weights, sent with the
-join) and ``train(base, steps, batch_size, learning_rate)`` returning the delta and local
-metrics, or ``None`` when interrupted. Keras is imported only when a trainer is built.
+join) and ``train(base, steps, batch_size, learning_rate, *, proximal_mu=0.0)`` returning
+the delta and local metrics, or ``None`` when interrupted (``proximal_mu`` > 0: FedProx's
+term ``mu/2 * ||w - base||^2`` in the local loss, from the welcome's settings; a trainer
+that cannot add it raises ``FederationError`` rather than train without it). Keras is
+imported only when a trainer is built.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ class Trainer(Protocol):
 
     def initial(self) -> Tensors: ...
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> TrainResult: ...
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> TrainResult: ...
 
 
 TrainerFactory = Callable[["WorkerConfig", int], Trainer]
@@ -80,9 +84,10 @@ class TrainerWrapper:
     def initial(self) -> Tensors:
         return self.inner.initial()
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> TrainResult:
-        return self.inner.train(base, steps, batch_size, learning_rate)
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> TrainResult:
+        return self.inner.train(base, steps, batch_size, learning_rate,
+                                   proximal_mu=proximal_mu)
 
 
 class Slowed(TrainerWrapper):
@@ -101,9 +106,10 @@ class Slowed(TrainerWrapper):
         self.slowdown, self.sigma = slowdown, sigma
         self._delays = np.random.default_rng([seed, 1])
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> TrainResult:
-        result = self.inner.train(base, steps, batch_size, learning_rate)
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> TrainResult:
+        result = self.inner.train(base, steps, batch_size, learning_rate,
+                                   proximal_mu=proximal_mu)
         if result is None:
             return None
         factor = self.slowdown

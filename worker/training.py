@@ -32,6 +32,43 @@ class _Interrupt(keras.callbacks.Callback):  # type: ignore[misc]
             self.model.stop_training = True
 
 
+class _Proximal:
+    """FedProx's proximal term (Li et al. 2020): ``mu/2 * ||w - w_base||^2`` added to the
+    model's training loss, so local training is pulled towards the model it started from.
+
+    The model's ``compute_loss`` is wrapped on this instance (every Keras model and loss
+    keeps working) and its train function rebuilt once; ``mu`` and the anchor weights are
+    variables, assigned each round, so the traced function is not traced again. Evaluation
+    (``training=False``) sees the plain loss.
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self.mu = keras.Variable(0.0, trainable=False, name="proximal_mu")
+        self.anchor = [keras.Variable(np.zeros(w.shape), trainable=False, dtype=w.dtype,
+                                      name=f"anchor_{i}")
+                       for i, w in enumerate(model.trainable_weights)]
+        plain = model.compute_loss
+
+        def compute_loss(x: Any = None, y: Any = None, y_pred: Any = None,
+                         sample_weight: Any = None, training: bool = True) -> Any:
+            loss = plain(x, y, y_pred, sample_weight, training=training)
+            if not training:
+                return loss
+            drift = [keras.ops.sum(keras.ops.square(w - a))
+                     for w, a in zip(model.trainable_weights, self.anchor, strict=True)]
+            return loss + 0.5 * self.mu * keras.ops.sum(keras.ops.stack(drift))
+
+        model.compute_loss = compute_loss
+        model.train_function = None  # traced again, once, with the term
+
+    def set(self, mu: float) -> None:
+        """This round: the anchor is the model's current (base) weights."""
+        self.mu.assign(mu)
+        for a, w in zip(self.anchor, self.model.trainable_weights, strict=True):
+            a.assign(w)
+
+
 class LocalTrainer:
     """A party's Keras model and shard; ``train`` turns a global model into a delta."""
 
@@ -44,6 +81,7 @@ class LocalTrainer:
         self._rng = np.random.default_rng(seed)
         self._order = self._rng.permutation(len(y))
         self._pos = 0
+        self._proximal: _Proximal | None = None  # made when a round first asks for mu > 0
 
     def initial(self) -> Tensors:
         """The freshly initialised weights, by name (sent with the join)."""
@@ -60,17 +98,22 @@ class LocalTrainer:
             count -= take
         return np.concatenate(parts)
 
-    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float
-              ) -> tuple[NDArrays, dict[str, float]] | None:
+    def train(self, base: NDArrays, steps: int, batch_size: int, learning_rate: float,
+              *, proximal_mu: float = 0.0) -> tuple[NDArrays, dict[str, float]] | None:
         """Train ``steps`` minibatches from ``base``; the delta and local metrics.
 
         Returns None when interrupted (the partial work is dropped: a delta must cover the
-        whole round it claims). A simulated slower party is a wrapper
+        whole round it claims). ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - base||^2``
+        to the training loss (``_Proximal``). A simulated slower party is a wrapper
         (``worker.trainers.Slowed``), not part of this trainer.
         """
         started = time.perf_counter()
         self.model.set_weights(base)
         self.model.optimizer.learning_rate.assign(learning_rate)
+        if proximal_mu > 0 and self._proximal is None:
+            self._proximal = _Proximal(self.model)
+        if self._proximal is not None:
+            self._proximal.set(proximal_mu)
         idx = self._next_indices(steps * batch_size)
         history = self.model.fit(self.x[idx], self.y[idx], batch_size=batch_size, epochs=1,
                                  shuffle=False, verbose=0, callbacks=[self._interrupt])
