@@ -91,7 +91,10 @@ def federation(args: argparse.Namespace, secure: bool, keys: tuple[Path, Path] |
                         for i in range(args.parties)]
         helper = Helper(HelperConfig(**shared, seal_key=str(helper_keys / sealing.SEAL_KEY),
                                      party_keys=str(helper_keys),
-                                     state_dir=str(helper_keys.parent / "state"))).start()
+                                     # a fresh helper for a fresh federation: a
+                                     # helper's state refuses seqs it answered before
+                                     state_dir=str(helper_keys.parent / uuid.uuid4().hex)
+                                     )).start()
     began = time.monotonic()
     try:
         agg = run_federation(AggregatorConfig(
@@ -109,8 +112,12 @@ def federation(args: argparse.Namespace, secure: bool, keys: tuple[Path, Path] |
     reached = next((r["time"] - start for r in agg.history if r["accuracy"] >= args.target),
                    None)
     last = agg.history[-1] if agg.history else None
+    parties = list(agg.membership.parties.values())
+    staleness = (sum(p.mean_staleness * p.updates for p in parties)
+                 / max(sum(p.updates for p in parties), 1))
     out: dict[str, Any] = {"time": reached, "accuracy": None if last is None else last["accuracy"],
                            "updates": agg.status.updates, "versions": agg.status.version,
+                           "discarded": agg.status.discarded, "staleness": staleness,
                            "wall": wall, "weights": agg.weights}
     if helper is not None:
         out["helper_ms_per_update"] = 1000 * helper.stats.cpu_seconds / max(helper.stats.updates, 1)
@@ -195,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 r = federation(args, secure, keys if secure else None)
                 runs["fedbuff + secure" if secure else "fedbuff"].append(r)
                 print(f"{'secure' if secure else 'plain '} run {i}: {show(r['time'])} s to "
-                      f"{args.target}, final {show(r['accuracy'], '.4f')}", flush=True)
+                      f"{args.target}, final {show(r['accuracy'], '.4f')}, {r['versions']} "
+                      f"versions, {r['updates']} updates ({r['discarded']} discarded), mean "
+                      f"staleness {r['staleness']:.2f}", flush=True)
         weights = runs["fedbuff"][0]["weights"]
         plain_bytes, masked_bytes = update_bytes(weights, keys, args.buffer_k)
         error, bound = exactness(weights, keys, args.buffer_k)
