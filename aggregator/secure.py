@@ -50,6 +50,13 @@ class MaskCoordinator:
         self.refused = 0
         """Updates dropped because the helper refused their set."""
 
+    def warn_without_checkpoints(self) -> None:
+        """The leader's seq ranges must outlive it: the helper refuses reused ones."""
+        if self.agg.store is None:
+            log.warning("secure aggregation without --checkpoint-dir: after a restart the "
+                        "parties' seqs start again, and the helper refuses every set holding "
+                        "a seq it answered before (docs/secure-aggregation.md)")
+
     def session(self, broker: Broker) -> None:
         """A new connection: declare the helper's queues, consume answers; every waiting
         request goes out again (``pump``)."""

@@ -225,6 +225,8 @@ class Aggregator(BackgroundService):
         self.metrics.stale_after = self.config.liveness_seconds
         if self.evaluator is not None:
             self.evaluator.start(resumed=state is not None)
+        if self.secure is not None:
+            self.secure.warn_without_checkpoints()
         try:
             supervise(self._session, stop=self._stop, name="aggregator",
                       alive=self.metrics.tick)
