@@ -586,3 +586,32 @@ def test_a_restarted_leader_asks_again_for_the_same_set_and_applies_it(
             for q in (t.updates, t.control, t.dead, t.helper_requests, t.helper_sums):
                 b.delete_queue(q)
         client.b.close()
+
+
+def test_an_update_waiting_for_slower_parties_is_weighted_by_its_staleness_when_asked_for(
+        ) -> None:
+    from aggregator.staleness import make_staleness
+    from aggregator.strategies.base import Contribution, Outcome
+    from aggregator.strategies.secure import SecureFedBuff
+    from messages.secagg.sealing import SealedSeed
+
+    strategy = SecureFedBuff(make_staleness("polynomial", a=0.5), 3, 1.0, 10.0)
+    weights = [np.zeros(4, np.float32)]
+    seq = iter(range(100))
+
+    def offer(party: str) -> Outcome:
+        return strategy.offer(weights, Contribution(
+            party, [np.zeros(4, np.uint32)], 100, 0,
+            sealed=SealedSeed(next(seq), bytes(80), bytes(64))))
+
+    for p in ("a", "b", "c", "a", "a"):  # a runs ahead: into the second and third buffer
+        assert offer(p) is Outcome.BUFFERED
+    assert offer("a") is Outcome.DISCARDED  # past two open buffers it would only grow stale
+    (first,) = strategy.take_requests()
+    assert first.weights == [16, 16, 16]
+    assert strategy.unmask(weights, first.request, np.zeros(4, np.uint32)) is Outcome.APPLIED
+    for p in ("b", "c"):
+        offer(p)
+    (second,) = strategy.take_requests()
+    # a's update arrived fresh, but one version was applied while it waited: S(1) = 0.71
+    assert second.parties == ["a", "b", "c"] and second.weights == [11, 16, 16]

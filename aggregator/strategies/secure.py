@@ -3,7 +3,10 @@
 Each contribution is a masked delta (``uint32`` words, ``q(delta) + mask mod 2^32``) with its
 sealed seed. The leader cannot read one, and needs none: it buffers ``k`` of them from ``k``
 distinct parties, gives each an integer weight (``messages.secagg.quantize.integer_weights``:
-the FedBuff weight ``n * S(s)``, scaled so the largest in the buffer is ``max_weight``),
+the FedBuff weight ``n * S(s)``, scaled so the largest in the buffer is ``max_weight``, with
+the staleness ``s`` an update has when its buffer is full, not when it arrived: an update of
+a fast party may wait in a later buffer for the others, and the versions applied meanwhile
+count against it),
 and asks the helper for the weighted sum of their masks. With the answer it computes
 ``sum w_i masked_i - sum w_i mask_i = sum w_i q(delta_i)`` modulo 2^32, which the head room
 of ``scale`` makes exact, dequantizes, divides by ``sum w_i`` and applies ``eta`` times that
@@ -14,7 +17,8 @@ So the strategy never applies on ``offer``. A full buffer becomes a numbered req
 (``unmask``: ``APPLIED``) or is a refusal (``refused``: the buffer is dropped, never applied
 unmasked). Buffers fill while earlier ones wait: an update goes to the oldest open buffer
 that lacks its party (the helper refuses a set with a party twice); past ``max_open`` open
-buffers (one fast party far ahead of the rest) an update is ``DISCARDED``.
+buffers (default 2: one fast party ahead of the rest) an update is ``DISCARDED``, since it
+would wait for the slower parties and grow stale.
 
 What cannot be done on masked values is refused at construction, with the reason: robust
 aggregation (a median of masked words is noise) and norm checks (``Clipped``); the parties
@@ -60,6 +64,10 @@ class Slot:
     sealed: bytes
     signature: bytes
     staleness: int = 0
+    """Versions between its base and the model when it arrived."""
+    samples: int = 1
+    applied_at: int = 0
+    """How many buffers the strategy had applied when it arrived."""
 
 
 @dataclass
@@ -70,6 +78,8 @@ class Buffer:
     slots: list[Slot] = field(default_factory=list)
     request: int | None = None
     weights: list[int] = field(default_factory=list)
+    staleness: int = 0
+    """The largest staleness in the buffer when it was asked for (FADAS's step)."""
 
     def takes(self, party: str, k: int) -> bool:
         return self.request is None and len(self.slots) < k and all(
@@ -86,7 +96,7 @@ class SecureFedBuff(Strategy):
     name: ClassVar[str] = "secure-fedbuff"
 
     def __init__(self, staleness: StalenessFn, k: int, eta: float, clip: float,
-                 max_weight: int = 16, max_open: int = 4,
+                 max_weight: int = 16, max_open: int = 2,
                  optimizer: ServerOptimizer | None = None,
                  staleness_threshold: int | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < MIN_BUFFER:
@@ -99,6 +109,7 @@ class SecureFedBuff(Strategy):
         self.scale = scale_for(self.clip, k, max_weight)
         self.buffers: list[Buffer] = []
         self.next_request = 0
+        self.applied = 0  # buffers applied: the versions this strategy made
         self.optimizer = optimizer or Plain()
         self.staleness_threshold = staleness_threshold
 
@@ -124,12 +135,14 @@ class SecureFedBuff(Strategy):
             return Outcome.DISCARDED
         target = next((b for b in self.buffers if b.takes(c.party, self.k)), None)
         if target is None:
-            if sum(1 for b in self.buffers if b.request is None) >= self.max_open:
+            if sum(1 for b in self.buffers
+                   if b.request is None and len(b.slots) < self.k) >= self.max_open:
                 return Outcome.DISCARDED
             target = Buffer()
             self.buffers.append(target)
         target.slots.append(Slot(c.party, c.sealed.seq, weight, list(c.delta), c.sealed.sealed,
-                                 c.sealed.signature, c.staleness))
+                                 c.sealed.signature, c.staleness, c.num_samples,
+                                 self.applied))
         return Outcome.BUFFERED
 
     def take_requests(self) -> list[MaskRequest]:
@@ -139,7 +152,11 @@ class SecureFedBuff(Strategy):
         for b in self.buffers:
             if b.request is None and len(b.slots) >= self.k:
                 b.request, self.next_request = self.next_request, self.next_request + 1
-                b.weights = integer_weights([s.weight for s in b.slots], self.max_weight)
+                now = [s.staleness + self.applied - s.applied_at for s in b.slots]
+                b.staleness = max(now)
+                b.weights = integer_weights(
+                    [s.samples * max(float(self.staleness(t)), 1e-12)
+                     for s, t in zip(b.slots, now, strict=True)], self.max_weight)
                 out.append(self.request_of(b))
         return out
 
@@ -174,10 +191,10 @@ class SecureFedBuff(Strategy):
             total -= flat[offset:offset + n]
             means.append(dequantize(total, self.scale, total_weight).reshape(w.shape))
             offset += n
-        lr = staleness_scaled(self.eta, max(s.staleness for s in b.slots),
-                              self.staleness_threshold)
+        lr = staleness_scaled(self.eta, b.staleness, self.staleness_threshold)
         self.optimizer.step(weights, means, lr)
         self.buffers.remove(b)
+        self.applied += 1
         return Outcome.APPLIED
 
     def refused(self, request: int) -> list[tuple[str, int]]:
@@ -192,13 +209,14 @@ class SecureFedBuff(Strategy):
         """Every buffer with its slots (masked arrays by reference: they are read-only),
         request numbers and integer weights, and the next request number."""
         return {
-            "strategy": self.name, "next_request": self.next_request,
+            "strategy": self.name, "next_request": self.next_request, "applied": self.applied,
             "count": self.count,
             "buffers": [{"request": -1 if b.request is None else b.request,
-                         "weights": list(b.weights),
+                         "weights": list(b.weights), "staleness": b.staleness,
                          "slots": [{"party": s.party, "seq": s.seq, "weight": s.weight,
                                     "masked": list(s.masked), "sealed": s.sealed,
-                                    "signature": s.signature, "staleness": s.staleness}
+                                    "signature": s.signature, "staleness": s.staleness,
+                                    "samples": s.samples, "applied_at": s.applied_at}
                                    for s in b.slots]}
                         for b in self.buffers],
             "optimizer": self.optimizer.state(),
@@ -207,12 +225,14 @@ class SecureFedBuff(Strategy):
     def load_state(self, state: dict[str, Any]) -> None:
         _check_name(state, self.name)
         self.next_request = int(state["next_request"])
+        self.applied = int(state["applied"])
         self.buffers = [
             Buffer([Slot(str(s["party"]), int(s["seq"]), float(s["weight"]),
                          [np.asarray(a) for a in s["masked"]], bytes(s["sealed"]),
-                         bytes(s["signature"]), int(s.get("staleness", 0)))
+                         bytes(s["signature"]), int(s["staleness"]), int(s["samples"]),
+                         int(s["applied_at"]))
                     for s in b["slots"]],
                    None if int(b["request"]) < 0 else int(b["request"]),
-                   [int(w) for w in b["weights"]])
+                   [int(w) for w in b["weights"]], int(b["staleness"]))
             for b in state["buffers"]]
         _load_optimizer(self.optimizer, state)
