@@ -73,9 +73,10 @@ from tabulate import tabulate
 from messages.errors import FederationError, InvalidMessage, RpcTimeout
 from messages.transport.broker import Broker, Delivery
 from messages.transport.connect import connect
-from messages.transport.topology import QUEUE_TYPES, REASON_HEADER, Topology
+from messages.transport.topology import QUEUE_TYPES, Topology
 from messages.types import Tensors, TensorSpec
 from messages.wire.codec import decode, encode
+from messages.wire.deadletters import read_dead
 from messages.wire.kinds import Heartbeat, Join, Leave, Model, Query, Report, Update, Welcome
 
 CNN_SPEC: TensorSpec = (
@@ -553,12 +554,17 @@ def _await(events: Any, kind: str, count: int, timeout: float) -> list[tuple[Any
 
 
 def _read_queue(broker: Broker, queue: str) -> list[tuple[str, int, str]]:
-    """Take every message of ``queue``: updates as ``(party, seq, dead-letter reason)``."""
-    out: list[tuple[str, int, str]] = []
+    """Take every message of ``queue``: updates as ``(party, seq, dead-letter reason)``
+    (dead letters paired with their reason records; ``""`` for a queue that is not F.dead)."""
+    items = []
     while (d := broker.get(queue)) is not None:
-        reason = str(d.headers.get(REASON_HEADER, "?"))
+        items.append((d.body, d.headers))
+    pairs = ([(dl.body, dl.reason) for dl in read_dead(items)] if queue.endswith(".dead")
+             else [(body, "") for body, _ in items])
+    out: list[tuple[str, int, str]] = []
+    for body, reason in pairs:
         try:
-            msg = decode(d.body)
+            msg = decode(body)
         except InvalidMessage:
             out.append(("?", -1, reason))
             continue
