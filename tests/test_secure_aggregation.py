@@ -492,6 +492,10 @@ def test_a_federation_of_keras_workers_trains_through_leader_and_helper(
     finally:
         helper.stop()
         helper.wait(10)
+        t = Topology(federation)
+        with connect(broker_url) as b:
+            for q in (t.updates, t.control, t.dead, t.helper_requests, t.helper_sums):
+                b.delete_queue(q)
     assert agg.status.version == 3 and agg.status.finished == "version limit 3"
     assert helper.stats.answered == 3 and not helper.stats.refused
     assert agg.secure is not None and agg.secure.refused == 0
