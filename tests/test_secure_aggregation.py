@@ -40,7 +40,7 @@ from messages.wire.signing import (
     make_ed25519,
 )
 from tests.processes import Procs
-from tests.test_aggregator_service import SHAPES, Client, delta
+from tests.test_aggregator_service import SHAPES, Client, Env, delta
 from tests.test_security import Party
 from worker.pipeline import MaskingStage, Outgoing
 
@@ -293,18 +293,13 @@ class Secure:
         return answer.data
 
 
-@pytest.fixture
-def secure(broker_url: str, keys: Keys, tmp_path: Path) -> Iterator[Secure]:
-    federation = f"sa{uuid.uuid4().hex[:8]}"
-    agg = Aggregator(AggregatorConfig(
-        broker=broker_url, federation=federation, evaluate=False, strategy="fedbuff",
-        buffer_k=3, min_parties=3, staleness="constant", secure_aggregation=True,
-        secagg_clip=10.0, keys_dir=str(keys.leader))).start()
-    deadline = time.monotonic() + 30
-    while not agg.metrics.readiness()[0]:
-        assert agg.error is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    client = Client(broker_url, Topology(federation))
+SECURE_LEADER = {"strategy": "fedbuff", "buffer_k": 3, "min_parties": 3,
+                 "staleness": "constant", "secure_aggregation": True, "secagg_clip": 10.0}
+
+
+def joined(url: str, federation: str, keys: Keys) -> tuple[Client, dict[str, Welcome]]:
+    """A client that joined as every party (signed) and holds model version 0."""
+    client = Client(url, Topology(federation))
     client.listen("a")
     welcomes = {}
     for p in PARTIES:
@@ -312,6 +307,14 @@ def secure(broker_url: str, keys: Keys, tmp_path: Path) -> Iterator[Secure]:
         assert isinstance(reply, Welcome)
         welcomes[p] = reply
     client.pump(lambda: len(client.models) == 1)
+    return client, welcomes
+
+
+@pytest.fixture
+def secure(broker_url: str, keys: Keys, tmp_path: Path) -> Iterator[Secure]:
+    federation = f"sa{uuid.uuid4().hex[:8]}"
+    agg = Env(broker_url, federation).start(**SECURE_LEADER, keys_dir=str(keys.leader))
+    client, welcomes = joined(broker_url, federation, keys)
     s = Secure(broker_url, federation, keys, tmp_path / "helper-state", agg, client, welcomes)
     yield s
     for daemon in (s.helper, agg):
@@ -539,28 +542,11 @@ def test_a_restarted_leader_asks_again_for_the_same_set_and_applies_it(
     """The waiting buffer, its request number and weights are in the checkpoint: the new
     leader sends the same request (not a new mix the helper would refuse) and applies it."""
     federation = f"sa{uuid.uuid4().hex[:8]}"
-    config = AggregatorConfig(
-        broker=broker_url, federation=federation, evaluate=False, strategy="fedbuff",
-        buffer_k=3, min_parties=3, staleness="constant", secure_aggregation=True,
-        keys_dir=str(keys.leader), checkpoint_dir=str(tmp_path / "ckpt"))
-
-    def leader() -> Aggregator:
-        agg = Aggregator(config).start()
-        deadline = time.monotonic() + 30
-        while not agg.metrics.readiness()[0]:
-            assert agg.error is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        return agg
-
-    agg = leader()
-    client = Client(broker_url, Topology(federation))
-    client.listen("a")
-    welcomes = {}
-    for p in PARTIES:
-        reply = decode(Party(client, keys.signer(p)).join(p).body)
-        assert isinstance(reply, Welcome)
-        welcomes[p] = reply
-    client.pump(lambda: len(client.models) == 1)
+    env = Env(broker_url, federation)
+    options = {**SECURE_LEADER, "keys_dir": str(keys.leader),
+               "checkpoint_dir": str(tmp_path / "ckpt")}
+    agg = env.start(**options)
+    client, welcomes = joined(broker_url, federation, keys)
     s = Secure(broker_url, federation, keys, tmp_path / "helper-state", agg, client, welcomes)
     try:
         s.round(0, 0, {"a": 0.3, "b": 0.3, "c": 0.3})
@@ -568,7 +554,7 @@ def test_a_restarted_leader_asks_again_for_the_same_set_and_applies_it(
                     timeout=10)
         agg.stop()
         agg.wait(10)
-        s.agg = agg = leader()
+        s.agg = agg = env.start(**options)
         assert s.status()["secure_aggregation"]["waiting_requests"] == 1
         s.start_helper()
         helper = s.helper
