@@ -60,6 +60,8 @@ class AggregatorState:
     names: list[str] = field(default_factory=list)
     weights: NDArrays = field(default_factory=list)
     last_seq: dict[str, int] = field(default_factory=dict)
+    seqs: dict[str, list[int]] = field(default_factory=dict)
+    """``AppliedSeqs.state()``; absent from checkpoints before exact dedupe."""
     incarnation: dict[str, int] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
     parties: list[dict[str, Any]] = field(default_factory=list)

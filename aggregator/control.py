@@ -153,7 +153,7 @@ class ControlProtocol:
                           "or shapes than the federation's (check --model)")
         # a fresh seq range above both the previous range and any seq already applied
         incarnation = max(self.agg.incarnation.get(join.party, 0) + 1,
-                          self.agg.last_seq.get(join.party, -1) // SEQ_RANGE + 1)
+                          self.agg.applied.last(join.party) // SEQ_RANGE + 1)
         if incarnation > MAX_INCARNATION:
             return refuse(f"joined {MAX_INCARNATION} times: no seq range left; "
                           "remove and add the party again (dfl admin)")
@@ -170,5 +170,5 @@ class ControlProtocol:
         if self.agg.status.released:
             tensors = dict(zip(self.agg.names, self.agg.weights, strict=True))
         return Welcome(join.party, True, "", self.agg.status.version,
-                       self.agg.last_seq.get(join.party, -1), incarnation * SEQ_RANGE,
+                       self.agg.applied.last(join.party), incarnation * SEQ_RANGE,
                        self.agg.config.settings(), tensors)

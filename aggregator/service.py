@@ -31,6 +31,7 @@ from aggregator.boundary import dead_lettered, guard
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.control import ControlProtocol
+from aggregator.dedupe import KEEP, AppliedSeqs
 from aggregator.durability import Durability
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
@@ -134,7 +135,9 @@ class Aggregator(BackgroundService):
         self.names: list[str] = []
         self.weights: NDArrays = []
         self.spec: TensorSpec = ()
-        self.last_seq: dict[str, int] = {}
+        # a returned window reorders at most a window's worth of one party's updates
+        self.applied = AppliedSeqs(max(KEEP, 2 * config.prefetch))
+        """The (party, seq) the state holds: the duplicate check (``aggregator.dedupe``)."""
         self.incarnation: dict[str, int] = {}
         self.ledger: list[list[Any]] = []
         self.status = Status()
@@ -397,7 +400,8 @@ class Aggregator(BackgroundService):
         s = self.status
         return AggregatorState(
             version=s.version, released=s.released, names=self.names, weights=self.weights,
-            last_seq=self.last_seq, incarnation=self.incarnation,
+            last_seq=self.applied.lasts(), seqs=self.applied.state(),
+            incarnation=self.incarnation,
             strategy=self.strategy.state(),
             parties=[asdict(p) for p in self.membership.parties.values()],
             counters={"updates": s.updates, "duplicates": s.duplicates,
@@ -418,7 +422,8 @@ class Aggregator(BackgroundService):
                         "continuing as version %d", state.version, sent, s.version)
         self.names, self.weights = state.names, state.weights
         self.spec = spec_of(dict(zip(self.names, self.weights, strict=True)))
-        self.last_seq, self.incarnation = state.last_seq, state.incarnation
+        self.applied = AppliedSeqs.restore(state.seqs, state.last_seq, self.applied.keep)
+        self.incarnation = state.incarnation
         if state.strategy:
             self.strategy.load_state(state.strategy)
         now = time.monotonic()  # every party gets a full lease to come back
@@ -516,7 +521,7 @@ class Aggregator(BackgroundService):
         try:
             update = check_update(message, parties=self.membership.parties, spec=self.spec,
                                   version=self.status.version, max_staleness=cfg.max_staleness,
-                                  last_seq=self.last_seq, granted=self.incarnation,
+                                  applied=self.applied, granted=self.incarnation,
                                   max_abs=cfg.max_delta_abs, masked=cfg.secure_aggregation)
         except InvalidMessage as exc:
             if exc.reason == "unknown-party" and isinstance(message, Update):
@@ -540,7 +545,7 @@ class Aggregator(BackgroundService):
             raise StateError(f"the strategy failed applying {update.party}#{update.seq} "
                              f"({type(exc).__name__}: {exc}); stopping, a restart resumes "
                              "from the last checkpoint") from exc
-        self.last_seq[update.party] = update.seq
+        self.applied.add(update.party, update.seq)
         self.membership.seen(update.party)
         if outcome is not Outcome.DISCARDED:
             self.membership.record(update.party, staleness, update.base_version, update.metrics)
@@ -566,6 +571,8 @@ class Aggregator(BackgroundService):
         elif event.ending is Ending.DUPLICATE and event.kind == "update" and event.seq is not None:
             s.duplicates += 1
             m.duplicates.inc()
+            log.info("update %s#%d: a duplicate (already in the state), dropped", event.party,
+                     event.seq)
         elif event.kind == "update" and event.staleness is not None:
             if event.outcome == Outcome.DISCARDED.value:
                 s.discarded += 1

@@ -12,6 +12,7 @@ from collections.abc import Container, Mapping
 
 import numpy as np
 
+from aggregator.dedupe import AppliedSeqs
 from messages.errors import InvalidMessage
 from messages.types import NDArray, TensorSpec
 from messages.wire.bounds import SEQ_AHEAD, SEQ_RANGE
@@ -20,13 +21,15 @@ from messages.wire.kinds import Message, Update
 
 
 def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, version: int,
-                 max_staleness: int, last_seq: Mapping[str, int],
+                 max_staleness: int, applied: AppliedSeqs,
                  granted: Mapping[str, int] | None = None,
                  max_abs: float = float("inf"), masked: bool = False) -> Update | None:
     """The update if it may be applied, ``None`` for a duplicate; raises ``InvalidMessage``.
 
-    ``granted`` maps each party to the incarnation of its last join (its seq range, see
-    ``seq_window``); without it (tests of other checks) any seq is in range. ``masked``
+    ``applied`` says which seqs the state holds (exact in any delivery order, see
+    ``aggregator.dedupe``). ``granted`` maps each party to the incarnation of its last join
+    (its seq range, see ``seq_window``); without it (tests of other checks) any seq is in
+    range. ``masked``
     (secure aggregation): the update must be masked ``uint32`` words with a sealed seed
     (``unmasked`` otherwise: never take a delta in the clear), and ``max_abs`` cannot apply;
     without it a masked update is refused (``unexpected-mask``).
@@ -35,13 +38,12 @@ def check_update(msg: Message, *, parties: Container[str], spec: TensorSpec, ver
         raise InvalidMessage("wrong-queue", f"{msg.KIND} does not belong on the updates queue")
     if msg.party not in parties:
         raise InvalidMessage("unknown-party", f"party {msg.party!r} never joined")
-    last = last_seq.get(msg.party, -1)
     if granted is not None:
-        lo, hi = seq_window(granted.get(msg.party, 0), last)
+        lo, hi = seq_window(granted.get(msg.party, 0), applied.last(msg.party))
         if not lo <= msg.seq < hi:
             raise InvalidMessage("bad-seq", f"seq {msg.seq} of {msg.party} is outside "
                                             f"{lo}..{hi - 1}, the range its last join granted")
-    if msg.seq <= last:
+    if applied.holds(msg.party, msg.seq):
         return None
     if masked and not msg.sealed_seed:
         raise InvalidMessage("unmasked", "this federation runs secure aggregation: an update "

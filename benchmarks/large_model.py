@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.dedupe import AppliedSeqs
 from aggregator.staleness import make_staleness
 from aggregator.strategies import Contribution, FedAsync
 from aggregator.validation import check_update
@@ -125,7 +126,7 @@ def run_once(url: str, millions: float, chunk: int, queue_type: str, chunked: bo
             decoded = time.monotonic()
             update = check_update(message, parties={"bench"}, spec=spec_of(
                 dict(zip(names, weights, strict=True))), version=0, max_staleness=10,
-                last_seq={}, max_abs=1e4)
+                applied=AppliedSeqs(), max_abs=1e4)
             assert update is not None
             validated = time.monotonic()
             strategy.offer(weights, Contribution("bench", list(update.tensors.values()), 100, 0))

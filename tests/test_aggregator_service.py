@@ -567,3 +567,16 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_aggregator_with_one_line(
         agg.wait(10)
     assert "\n" not in str(info.value)
     client.b.close()
+
+
+def test_updates_of_one_party_out_of_order_are_each_applied_once(running: Any) -> None:
+    """RabbitMQ returns a dead consumer's deliveries out of order (tests/test_dedupe.py):
+    seq 1 arriving before seq 0 must not make seq 0 a duplicate."""
+    agg, client = running
+    client.update("a", 1, 0)
+    client.update("a", 0, 0)
+    client.pump(lambda: agg.version == 2)
+    client.update("a", 0, 0)  # replays of both: duplicates now
+    client.update("a", 1, 0)
+    client.pump(lambda: agg.status.duplicates == 2)
+    assert agg.version == 2 and agg.status.updates == 2

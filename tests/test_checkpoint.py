@@ -149,7 +149,7 @@ def test_a_restarted_aggregator_resumes_with_identical_weights_and_state(tmp_pat
     client.pump(lambda: second.status.version == 1)
     for x, y in zip(first.weights, second.weights, strict=True):
         assert x.tobytes() == y.tobytes()
-    assert second.last_seq == first.last_seq
+    assert second.applied.state() == first.applied.state()
     assert second.strategy.state()["count"] == 1
     np.testing.assert_array_equal(second.strategy.state()["accumulator"][0],
                                   first.strategy.state()["accumulator"][0])
@@ -176,7 +176,7 @@ def test_a_checkpoint_written_before_the_refactor_resumes_exactly(tmp_path: Path
     assert state is not None and state.version == 5 and state.released
     agg._restore(state)
     assert agg.status.version == 5 and agg.status.updates == 7
-    assert agg.last_seq == {"a": 4294967300, "b": 4294967297}
+    assert agg.applied.lasts() == {"a": 4294967300, "b": 4294967297}
     assert agg.ledger == [["a", 4294967296], ["b", 4294967297]]
     assert agg.strategy.parties == ("a", "b")  # the buffer came back
     weights = [w.copy() for w in agg.weights]

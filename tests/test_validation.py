@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aggregator.dedupe import AppliedSeqs
 from aggregator.validation import check_update
 from messages.errors import InvalidMessage
 from messages.wire.kinds import Update
@@ -14,7 +15,7 @@ SPEC = [("w", "float32", (1000,))]
 
 def check(values: np.ndarray, max_abs: float) -> Update | None:
     return check_update(Update("p", 0, 0, 10, {"w": values}), parties={"p"}, spec=SPEC,
-                        version=0, max_staleness=5, last_seq={}, max_abs=max_abs)
+                        version=0, max_staleness=5, applied=AppliedSeqs(), max_abs=max_abs)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
