@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
@@ -53,11 +52,11 @@ from messages.daemon.allocator import keep_large_buffers
 from messages.daemon.plugins import build_model
 from messages.errors import ConfigError, FederationError, InvalidMessage, StateError
 from messages.secagg.sealing import SealedSeed
-from messages.transport.broker import Broker, Delivery
+from messages.transport.broker import Broker, Delivery, mask_url
 from messages.transport.chunked import ChunkedBroker, chunked
 from messages.transport.connect import connect
 from messages.transport.envelope import check_envelope
-from messages.transport.supervisor import BackgroundService, supervise
+from messages.transport.supervisor import BackgroundService, Connected, supervise
 from messages.transport.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
 from messages.wire.chunks import model_size_bound
@@ -243,7 +242,7 @@ class Aggregator(BackgroundService):
         self._write_ledger()
         return self.status
 
-    def _session(self, connected: Callable[[], None]) -> None:
+    def _session(self, connected: Connected) -> None:
         cfg = self.config
         # chunks of big updates and joins stay unacked until their message is whole and
         # handled; sets that fail or stall go to _reject (dead-lettered, never applied)
@@ -266,7 +265,7 @@ class Aggregator(BackgroundService):
                                       (self.topology.updates, self._handle_update))}
             if self.secure is not None:
                 self.secure.session(broker)
-            connected()
+            connected(mask_url(broker.url))
             self.metrics.set_ready(True)
             log.info("aggregator up: federation %s, %s/%s, version %d, %s", cfg.federation,
                      cfg.strategy, cfg.staleness, self.status.version,

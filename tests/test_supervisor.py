@@ -16,11 +16,11 @@ from messages.transport.supervisor import supervise
 def test_lost_connections_are_retried_with_growing_capped_waits() -> None:
     calls: list[float] = []
 
-    def session(connected: Callable[[], None]) -> None:
+    def session(connected: Callable[[str], None]) -> None:
         calls.append(time.monotonic())
         if len(calls) < 5:
             raise ConnectionLost("broker restarting")
-        connected()
+        connected("node")
 
     supervise(session, stop=threading.Event(), name="t", initial=0.05, cap=0.2)
     waits = [b - a for a, b in itertools.pairwise(calls)]
@@ -32,15 +32,15 @@ def test_lost_connections_are_retried_with_growing_capped_waits() -> None:
 def test_the_backoff_starts_over_after_a_healthy_session() -> None:
     calls: list[float] = []
 
-    def session(connected: Callable[[], None]) -> None:
+    def session(connected: Callable[[str], None]) -> None:
         calls.append(time.monotonic())
         if len(calls) in (1, 2, 3):
             raise ConnectionLost("flap")  # never connected: backoff grows
         if len(calls) == 4:
-            connected()
+            connected("node")
             time.sleep(0.05)  # healthy for longer than healthy_after
             raise ConnectionLost("dropped after a healthy session")
-        connected()
+        connected("node")
 
     supervise(session, stop=threading.Event(), name="t", initial=0.1, cap=5,
               healthy_after=0.01)
@@ -51,7 +51,7 @@ def test_the_backoff_starts_over_after_a_healthy_session() -> None:
 def test_a_refusal_is_not_retried() -> None:
     calls = 0
 
-    def session(_connected: Callable[[], None]) -> None:
+    def session(_connected: Callable[[str], None]) -> None:
         nonlocal calls
         calls += 1
         raise AccessRefused("ACCESS_REFUSED")
@@ -64,7 +64,7 @@ def test_a_refusal_is_not_retried() -> None:
 def test_stopping_during_a_backoff_returns_promptly() -> None:
     stop = threading.Event()
 
-    def session(_connected: Callable[[], None]) -> None:
+    def session(_connected: Callable[[str], None]) -> None:
         threading.Timer(0.1, stop.set).start()
         raise ConnectionLost("down")
 

@@ -35,11 +35,11 @@ from messages.errors import (
     ResourceLocked,
     RpcTimeout,
 )
-from messages.transport.broker import Broker, Delivery
+from messages.transport.broker import Broker, Delivery, mask_url
 from messages.transport.chunked import chunked
 from messages.transport.connect import connect
 from messages.transport.envelope import check_envelope
-from messages.transport.supervisor import BackgroundService, supervise
+from messages.transport.supervisor import BackgroundService, Connected, supervise
 from messages.transport.topology import Topology
 from messages.types import NDArrays, Settings
 from messages.wire.codec import SCHEMA_VERSION, decode, encode
@@ -156,7 +156,7 @@ class Worker(BackgroundService):
                  self.stats.updates_sent, self.stats.stopped_by)
         return self.stats
 
-    def _session(self, connected: Callable[[], None]) -> None:
+    def _session(self, connected: Connected) -> None:
         cfg = self.config
         broker = connect(cfg.broker)
         try:
@@ -171,7 +171,7 @@ class Worker(BackgroundService):
                 if self._stop.is_set():
                     self._trainer.interrupted.set()
             broker.consume(queue, self._on_model, auto_ack=True)
-            connected()
+            connected(mask_url(broker.url))
             self.metrics.set_ready(True)
             if self._join(broker) is None:
                 return

@@ -25,7 +25,6 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +39,11 @@ from aggregator.outcomes import DeliveryEvent, Ending
 from messages.daemon.metrics import MetricsEndpoint
 from messages.errors import ConfigError, InvalidMessage
 from messages.secagg import masks, sealing
-from messages.transport.broker import Delivery
+from messages.transport.broker import Delivery, mask_url
 from messages.transport.chunked import ChunkedBroker, chunked
 from messages.transport.connect import connect
 from messages.transport.envelope import check_envelope
-from messages.transport.supervisor import BackgroundService, supervise
+from messages.transport.supervisor import BackgroundService, Connected, supervise
 from messages.transport.topology import Topology
 from messages.wire.codec import decode, encode
 from messages.wire.kinds import MaskRequest, MaskSum
@@ -147,7 +146,7 @@ class Helper(BackgroundService):
             self.metrics.close()
         return self.stats
 
-    def _session(self, connected: Callable[[], None]) -> None:
+    def _session(self, connected: Connected) -> None:
         broker = self._broker = chunked(
             connect(self.config.broker), self.config,
             reject=lambda d, exc: self._account(self._dead(d, exc.reason, exc.detail)))
@@ -159,7 +158,7 @@ class Helper(BackgroundService):
                 boundary(d)  # the event went to _account
 
             broker.consume(self.topology.helper_requests, handle, prefetch=1)
-            connected()
+            connected(mask_url(broker.url))
             self.metrics.set_ready(True)
             log.info("helper up: federation %s, sets of at least %d parties, weights 1..%d",
                      self.config.federation, self.config.min_buffer, self.config.max_weight)

@@ -45,7 +45,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--broker", metavar="URL",
                    help="message broker: memory:// (in-process) or "
                         "amqp://user:pass@host:5672/vhost (for TLS amqps://... with "
-                        "?cacertfile=CA.pem, &certfile= and &keyfile= as needed)")
+                        "?cacertfile=CA.pem, &certfile= and &keyfile= as needed); several "
+                        "amqp URLs separated by commas are the nodes of one RabbitMQ cluster, "
+                        "tried in turn (a list in a --config file)")
     g.add_argument("--federation", metavar="ID",
                    help="federation id; prefixes every queue, so federations can share a vhost")
     g.add_argument("--data-dir", metavar="DIR",

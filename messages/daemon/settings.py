@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from messages.errors import ConfigError
-from messages.transport.broker import check_broker_url, mask_url
+from messages.transport.broker import broker_urls, check_broker_url, mask_url
 from messages.transport.topology import QueueType, check_name
 from messages.wire.chunks import (
     DEFAULT_CHUNK_TIMEOUT,
@@ -153,6 +153,14 @@ class FederationSettings(DaemonSettings):
     max_pending_chunk_bytes: int = Field(default=DEFAULT_MAX_PENDING_BYTES, ge=1024)
     max_pending_chunks: int = Field(default=DEFAULT_MAX_PENDING_CHUNKS, ge=1)
 
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _broker_nodes(cls, value: Any) -> Any:
+        """A list in a settings file names the nodes of one cluster, as commas do in a flag."""
+        if isinstance(value, list | tuple):
+            return ",".join(str(node) for node in value)
+        return value
+
     @field_validator("broker")
     @classmethod
     def _broker(cls, value: str) -> str:
@@ -173,8 +181,9 @@ class FederationSettings(DaemonSettings):
     @property
     def unsigned_remote(self) -> str | None:
         """The host of a remote broker this process would talk to without its keys."""
-        host = remote_broker_host(self.broker)
-        return host if host is not None and self._missing_keys()[0] else None
+        hosts = [h for node in broker_urls(self.broker)
+                 if (h := remote_broker_host(node)) is not None]
+        return hosts[0] if hosts and self._missing_keys()[0] else None
 
     def insecure_warning(self) -> str | None:
         """The start-up warning of a process running ``--insecure`` over a remote broker."""

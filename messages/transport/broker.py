@@ -14,6 +14,7 @@ consumer handlers run. Other threads hand work to that thread with ``call_soon_t
 from __future__ import annotations
 
 import abc
+import re
 import time
 import uuid
 from collections import deque
@@ -218,12 +219,28 @@ AMQP_PARAMS = ("heartbeat", "channel_max", "frame_max", "locale", "socket_timeou
                "stack_timeout", "blocked_connection_timeout")
 
 
+_NEXT_URL = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def broker_urls(url: str) -> list[str]:
+    """The node URLs in ``--broker``: one URL, or the nodes of one RabbitMQ cluster separated
+    by commas (``amqp://u:p@rabbit-0:5672/%2F,amqp://u:p@rabbit-1:5672/%2F``), tried in turn.
+
+    A comma only separates where the next URL's scheme follows it, so a comma inside a
+    password or a query stays part of its URL.
+    """
+    return [part for part in _NEXT_URL.split(url.strip()) if part]
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for errors, logs and status output)."""
-    parts = urlparse(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+    """``url`` (each node's, for several) with its password replaced by ``***`` (for errors,
+    logs and status output)."""
+    masked = []
+    for one in broker_urls(url) or [url]:
+        parts = urlparse(one)
+        masked.append(one.replace(f":{parts.password}@", ":***@", 1) if parts.password
+                      else one)
+    return ",".join(masked)
 
 
 def check_broker_url(url: str) -> str:
@@ -231,7 +248,16 @@ def check_broker_url(url: str) -> str:
 
     For ``amqp://`` and ``amqps://`` the query parameters must be known ones, and the TLS
     files an ``amqps://`` URL names must exist (``ConfigError``, one line, no password).
+    Several URLs (``broker_urls``) must all be ``amqp://``/``amqps://`` ones.
     """
+    nodes = broker_urls(url)
+    if len(nodes) > 1:
+        if any(urlparse(node).scheme not in ("amqp", "amqps") for node in nodes):
+            raise ConfigError(f"--broker {mask_url(url)!r}: several URLs name the nodes of one "
+                              "RabbitMQ cluster; each must be amqp:// or amqps://")
+        for node in nodes:
+            check_broker_url(node)
+        return url
     scheme = urlparse(url).scheme
     if scheme not in SCHEMES:
         raise ConfigError(f"--broker {mask_url(url)!r}: use memory:// or "

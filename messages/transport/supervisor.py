@@ -25,8 +25,10 @@ from messages.errors import ConnectionLost
 log = logging.getLogger("dfl.supervisor")
 
 
-Session = Callable[[Callable[[], None]], None]
-"""A session takes ``connected``, which it calls once its connection and topology are up."""
+Connected = Callable[[str], None]
+"""Called by a session once its connection and topology are up, with the broker node it
+uses (its URL, password masked), which is logged: with several nodes, the one it got."""
+Session = Callable[[Connected], None]
 
 
 def _interruptible(stop: threading.Event, alive: Callable[[], None] | None = None
@@ -55,9 +57,10 @@ def supervise(session: Session, *, stop: threading.Event, name: str, initial: fl
     lost_at: list[float] = []
     connected_at: list[float] = []
 
-    def connected() -> None:
+    def connected(node: str) -> None:
         now = time.monotonic()
         connected_at[:] = [now]
+        log.info("%s: using broker node %s", name, node)
         if lost_at:
             log.info("%s: reconnected after %.1f s", name, now - lost_at[0])
             lost_at.clear()
