@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -44,6 +45,8 @@ TINY = ["--model", "worker.models:tiny_cnn", "--data", "worker.data:load_synthet
 class Federation(Procs):
     """An aggregator and workers as ``dfl`` processes, with ledgers and logs in ``tmp``."""
 
+    audit: dict[str, Any] = {"durable": False}  # noqa: RUF012 (how the audit queue is declared)
+
     def __init__(self, url: str, federation: str, tmp: Path, versions: int) -> None:
         super().__init__(tmp)
         self.url, self.federation, self.versions = url, federation, versions
@@ -54,7 +57,7 @@ class Federation(Procs):
         t = Topology(self.federation)
         with connect(self.url) as b:  # before the first broadcast: an audit of every model
             b.declare_exchange(t.models, "fanout")
-            b.declare_queue(f"{t.models}.audit", durable=False)
+            b.declare_queue(f"{t.models}.audit", **self.audit)
             b.bind(f"{t.models}.audit", t.models)
         return self.start(
             "aggregator", "aggregator", *self.common, "--no-eval", "--min-parties", "2",
@@ -96,6 +99,11 @@ class Federation(Procs):
             if name != "aggregator":
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(60)
+        return self.books()
+
+    def books(self) -> Books:
+        """The books once the aggregator has exited: its ledger, the workers' ledgers, and
+        what ``F.dead`` and ``F.updates`` still hold (drained)."""
         ledger = json.loads((self.tmp / "applied.json").read_text())
         dead, queued = self._drain()
         return Books(confirmed=self.confirmed(),
