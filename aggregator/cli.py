@@ -137,6 +137,10 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
     d.add_argument("--broadcast-interval", type=float, metavar="S",
                    help="send the newest model at most every S seconds (default 0.1): "
                         "versions applied in between are skipped, parties train on the newest")
+    d.add_argument("--push-max-parties", type=int, metavar="N",
+                   help="push each new model to every party while at most N are active "
+                        "(default 16); above that, only announce its version and let each "
+                        "party fetch the newest model when it starts a round (0: always)")
     d.add_argument("--prefetch", type=int,
                    help="unacked messages the broker may push to the aggregator (default 32)")
     d.add_argument("--lease-seconds", type=float,

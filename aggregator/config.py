@@ -74,6 +74,8 @@ class AggregatorConfig(FederationSettings):
     # authenticity: party public keys / HMAC secrets and the aggregator's own signing key
     keys_dir: str | None = None
     broadcast_interval: float = Field(default=0.1, ge=0)
+    # above this many active parties, versions are announced and fetched (distribution.py)
+    push_max_parties: int = Field(default=16, ge=0)
     # broker tuning (the shared settings are in FederationSettings)
     # twice the checkpoint batch: acks come a batch at a time, so a window no larger than
     # the batch leaves the broker nothing to send while a checkpoint is written

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aggregator.admission import Admission
@@ -24,7 +25,7 @@ from messages.transport.envelope import check_envelope
 from messages.types import Tensors, spec_of
 from messages.wire.bounds import MAX_INCARNATION, SEQ_RANGE
 from messages.wire.codec import decode, encode
-from messages.wire.kinds import Heartbeat, Join, Leave, Model, Query, Report, Welcome
+from messages.wire.kinds import Heartbeat, Join, Leave, Query, Report, Welcome
 from messages.wire.signing import check_signer, signature_headers
 
 if TYPE_CHECKING:
@@ -71,7 +72,10 @@ class ControlProtocol:
             self.agg._broker.reply(d, welcome, headers=signature_headers(self.agg._signer, welcome))
             return event
         if isinstance(msg, Heartbeat):
+            # a lease lives in memory (a restart gives every party a full one): no checkpoint;
+            # a state change it causes (a version) marks the state dirty on its own
             self._heard_from(msg.party)
+            event = replace(event, durable=False)
         elif isinstance(msg, Query) and msg.what == "start":
             # unlike status and model queries it changes state: with --keys, only a holder
             # of a key in the key directory (a party's, or an operator's) may start training
@@ -80,9 +84,14 @@ class ControlProtocol:
             answer = encode(Report(self.agg._start_training() if signer is not None
                                    or self.agg._keyring is None else {"error": UNSIGNED_START}))
             self.agg._broker.reply(d, answer, headers=signature_headers(self.agg._signer, answer))
+        elif isinstance(msg, Query) and msg.what == "model" and self.agg.weights:
+            body, headers = self.agg.model_reply()  # encoded and signed once a version
+            self.agg._broker.reply(d, body, headers=headers)
+            event = replace(event, durable=False)  # read-only
         elif isinstance(msg, Query):
             answer = encode(self._answer(msg))
             self.agg._broker.reply(d, answer, headers=signature_headers(self.agg._signer, answer))
+            event = replace(event, durable=False)  # read-only
         elif isinstance(msg, Leave):
             log.info("party %s left (%s)", msg.party, msg.reason or "no reason given")
             if self.agg.membership.leave(msg.party):
@@ -125,16 +134,13 @@ class ControlProtocol:
         self._rejoin_asked_at = time.monotonic()
         self.agg._to_parties(self.agg._broker, encode(Query("rejoin")))
 
-    def _answer(self, query: Query) -> Report | Model:
+    def _answer(self, query: Query) -> Report:
         if query.what == "status":
             secure = self.agg.secure
             return Report(status_report(self.agg.config.federation, self.agg.config.strategy,
                                         self.agg.status, self.agg.membership,
                                         time.monotonic() - self.agg._started,
                                         secure=secure.report() if secure else None))
-        if query.what == "model" and self.agg.weights:
-            agg = self.agg
-            return Model(agg.status.version, dict(zip(agg.names, agg.weights, strict=True)))
         if query.what == "model":
             return Report({"error": "there is no model yet: no party has joined"})
         return Report({"error": f"unknown query {query.what!r}: ask for status, model or start"})

@@ -42,13 +42,26 @@ class Durability:
         self.broker = broker
         self.unacked, self.uncommitted, self._last = None, 0, None
 
-    def handled(self, d: Delivery) -> bool:
+    def handled(self, d: Delivery, *, durable: bool = True) -> bool:
         """``d``'s effect is in the in-memory state: ack it with the next commit. True when
         this made a commit due by count (the caller commits). Saying it twice of the same
-        delivery counts once (a join is committed before its welcome, inside its handler)."""
+        delivery counts once (a join is committed before its welcome, inside its handler).
+
+        A delivery that is not ``durable`` (its effect needs no checkpoint: a heartbeat, a
+        read-only query) is acked at once when no earlier delivery waits for a checkpoint
+        (or is held), else with the next commit, and never makes one due: at 1,000 parties
+        the heartbeats alone would otherwise cost a checkpoint of the whole model many times
+        a second.
+        """
         if d is self._last:
             return False
         self._last = d
+        if not durable:
+            if self.unacked is None and self.broker is not None:
+                self.broker.ack(d, multiple=True)  # nothing before it is left unsettled
+            elif self.unacked is not None:
+                self.unacked = d  # rides with the next commit's cumulative ack
+            return False
         self.unacked = d
         if self.uncommitted == 0:
             self.since = time.monotonic()

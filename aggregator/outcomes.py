@@ -47,6 +47,10 @@ class DeliveryEvent:
     detail: str = ""
     outcome: str = ""
     """For an applied update: the strategy's word (``applied``, ``buffered``, ``discarded``)."""
+    durable: bool = True
+    """False for a delivery whose effect no checkpoint needs to hold (a heartbeat's lease
+    renewal, a read-only query): it is acked without a checkpoint of its own
+    (``Durability.handled``)."""
 
 
 Observer = Callable[[DeliveryEvent], None]

@@ -31,6 +31,7 @@ from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.control import ControlProtocol
 from aggregator.dedupe import KEEP, AppliedSeqs
+from aggregator.distribution import ModelReplies, push_model
 from aggregator.durability import Durability
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
@@ -158,6 +159,9 @@ class Aggregator(BackgroundService):
         self._broadcast_due = False
         self._broadcast_at = 0.0  # the earliest time of the next coalesced broadcast
         self._probation: dict[str, str] = {}  # queue -> its consumer at prefetch 1 (_session)
+        self._replies = ModelReplies()  # Query("model"): encoded and signed once a version
+        self._generation = 0  # changes whenever the weights may have (the replies' key)
+        self._pushing: bool | None = None  # how the last broadcast went (logged on change)
         # At most half the prefetch window: the deliveries of a batch stay unacked until its
         # checkpoint, and the other half keeps the broker sending meanwhile (a batch as large
         # as the window stalled the consumer at every checkpoint: benchmarks/throughput.py).
@@ -306,7 +310,8 @@ class Aggregator(BackgroundService):
                 return
             event = boundary(d)
             if event.ending is not Ending.DEAD_LETTERED:
-                self._handled(d)  # after the observers: a checkpoint holds their counts too
+                # after the observers: a checkpoint holds their counts too
+                self._handled(d, durable=event.durable)
             if d.queue in self._probation:
                 self._commit()
                 if not d.redelivered and self._broker is not None:
@@ -383,9 +388,10 @@ class Aggregator(BackgroundService):
                      self.config.save_model)
 
     # -- durability ------------------------------------------------------------------------
-    def _handled(self, d: Delivery) -> None:
-        """``d``'s effect is in the in-memory state: ack it with the next commit."""
-        if self.durability.handled(d):
+    def _handled(self, d: Delivery, *, durable: bool = True) -> None:
+        """``d``'s effect is in the in-memory state: ack it with the next commit (a delivery
+        that is not ``durable`` at once, when nothing waits for a checkpoint)."""
+        if self.durability.handled(d, durable=durable):
             self._commit()
 
     def _commit(self, force: bool = False) -> None:
@@ -419,6 +425,7 @@ class Aggregator(BackgroundService):
             s.version = sent + 1
             log.warning("the checkpoint holds version %d but version %d was broadcast: "
                         "continuing as version %d", state.version, sent, s.version)
+        self._generation += 1
         self.names, self.weights = state.names, state.weights
         self.spec = spec_of(dict(zip(self.names, self.weights, strict=True)))
         self.applied = AppliedSeqs.restore(state.seqs, state.last_seq, self.applied.keep)
@@ -489,7 +496,19 @@ class Aggregator(BackgroundService):
         return {"started": True, "version": self.status.version,
                 "parties": len(self.membership.active)}
 
+    def model_reply(self) -> tuple[bytes, dict[str, str] | None]:
+        """The current model as ``Query("model")`` is answered: body and signature headers,
+        made once per version (``aggregator.distribution``)."""
+
+        def make() -> tuple[bytes, dict[str, str] | None]:
+            body = encode(Model(self.status.version,
+                                dict(zip(self.names, self.weights, strict=True))))
+            return body, signature_headers(self._signer, body)
+
+        return self._replies.body((self.status.version, self._generation), make)
+
     def _adopt_initial(self, tensors: Tensors) -> None:
+        self._generation += 1
         self.names = list(tensors)
         self.weights = [np.array(a, dtype=a.dtype, copy=True) for a in tensors.values()]
         self.spec = spec_of(tensors)
@@ -629,6 +648,7 @@ class Aggregator(BackgroundService):
         self.topology.dead_letter(self._broker, d, reason, detail)
 
     def _new_version(self) -> None:
+        self._generation += 1
         self.durability.changed()
         self.status.version += 1
         self.metrics.version.set(self.status.version)
@@ -659,10 +679,16 @@ class Aggregator(BackgroundService):
     def _broadcast(self) -> None:
         assert self._broker is not None
         tensors = dict(zip(self.names, self.weights, strict=True))
-        if model_size_bound(tensors) > self.config.max_chunk_bytes:
-            # Each party's model queue holds one message (max-length 1, drop-head), so a
-            # model in chunks would lose all but its last. Announce the version instead;
-            # parties fetch the model (in chunks, by RPC) when they are ready to train on it.
+        cfg, active = self.config, len(self.membership.active)
+        push = push_model(model_size_bound(tensors), active, max_chunk_bytes=cfg.max_chunk_bytes,
+                          push_max_parties=cfg.push_max_parties)
+        if push != self._pushing:
+            self._pushing = push
+            log.info("%s", "pushing each new model to the parties" if push else
+                     f"announcing new versions ({active} active parties, a model of "
+                     f"{model_size_bound(tensors)} bytes): parties fetch the model when they "
+                     "start a round")
+        if not push:  # announce the version; parties fetch it (aggregator.distribution)
             tensors = {}
         body = encode(Model(self.status.version, tensors))
         self.durability.mark_broadcast(self.status.version)

@@ -17,10 +17,15 @@ For each ``--parties`` count (and each ``--listeners`` mode) a fresh federation 
   count: the comparison is about the number of parties, not the load. At the end every party
   sends a leave.
 - listening: with ``--listeners all`` every party binds its own model queue on the fanout
-  as a Worker does (exclusive, max-length 1, drop-head) and decodes what it receives, and
-  uses the newest version it has as the base of its next update. That is the real cost of a
-  fanout: every version of a 4.8 MB model goes to every party, so 200 parties at 2 versions/s
-  are about 1.9 GB/s leaving the broker, here all on the same machine as the aggregator.
+  as a Worker does (exclusive, max-length 1, drop-head) and takes what the aggregator sends
+  there as a Worker does (``aggregator.distribution``): while at most
+  ``--push-max-parties`` parties are active the models themselves (every version of a 4.8
+  MB model to every party: 200 parties at 2 versions/s would be about 1.9 GB/s leaving the
+  broker), above that only their versions, and then a party that is about to send (start a
+  round) and sees a newer version announced fetches the model by RPC first. Either way it
+  uses the newest version it holds as the base of its next update. ``models/round`` is the
+  model bytes the listening parties took in (pushed or fetched) per update they sent, in
+  models.
   With ``--listeners N`` only N parties (spread over the processes) bind a model queue; the
   others take their base version from the newest model their process has seen (the base a
   listening party would use). That takes the fanout out and leaves the aggregator's own
@@ -42,7 +47,13 @@ aggregator that answers no status query is reported, not an error: applied/s the
 from the newest version the listeners had at the window's end.
 
     python -m benchmarks.scale [--parties 50 200] [--seconds 60] [--rate 20]
-                               [--listeners all 4] [--broker URL] [--out DIR]
+                               [--listeners all 4] [--push-max-parties N] [--broker URL]
+                               [--management-url URL] [--out DIR]
+
+The broker's memory (``mem_used`` of its nodes) comes from the management API every second.
+Joins are set-up, not measured: the aggregator runs with ``--join-rate`` and
+``--max-parties`` at least the party count, and only each process's first party brings the
+model in its join (as the federation needs one model; the Worker always sends its own).
 
 Everything runs on one machine: the broker, the aggregator and the parties share its cores,
 so what the parties cost (above all, reading every broadcast) is taken from the aggregator.
@@ -51,6 +62,7 @@ so what the parties cost (above all, reading every broadcast) is taken from the 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import multiprocessing as mp
@@ -61,11 +73,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 from tabulate import tabulate
@@ -152,10 +166,14 @@ class Group:
         self.lock = threading.Lock()
         self.latest = -1  # the newest version any party of this process has seen
         self.joined = threading.Semaphore(0)
+        self.model_joined = threading.Event()  # this process's first party, with the model
         self.published = threading.Semaphore(0)
         self.confirmed: list[tuple[str, int, float, float, float]] = []
         self.arrivals: list[tuple[str, int, float]] = []
         self.models_received = 0
+        self.model_bytes = 0  # bytes of models taken in: pushed ones and fetched ones
+        self.fetches = 0
+        self.fetch_seconds: list[float] = []
         self.bad_models = 0
         self.heartbeats = 0
         self.overdue = 0
@@ -181,6 +199,7 @@ class Group:
             with self.lock:
                 self.errors.append(f"{self.plan.parties[index]}: {type(exc).__name__}: {exc}")
         finally:
+            self.model_joined.set()  # a failed first party must not leave the others waiting
             if not done["joined"]:
                 self.joined.release()
             if not done["published"]:
@@ -190,10 +209,10 @@ class Group:
         name, listening = self.plan.parties[index], self.plan.listening[index]
         topo = self.topology
         rng = np.random.default_rng([self.plan.seed, self.plan.index, index])
-        version = -1
+        version = announced = -1  # the model this party holds; the newest version announced
 
         def on_model(d: Delivery) -> None:
-            nonlocal version
+            nonlocal version, announced
             arrived = time.time()
             try:
                 msg = decode(d.body)
@@ -202,24 +221,53 @@ class Group:
                     self.bad_models += 1
                 return
             with self.lock:
-                self.models_received += 1
-                if isinstance(msg, Model) and msg.version > version:
-                    version = msg.version
+                if not isinstance(msg, Model):
+                    return
+                if msg.version > max(version, announced):  # the broadcast of a new version
                     self.latest = max(self.latest, msg.version)
                     self.arrivals.append((name, msg.version, arrived))
+                if not msg.tensors:  # announced: fetched when this party starts a round
+                    announced = max(announced, msg.version)
+                    return
+                self.models_received += 1
+                self.model_bytes += len(d.body)
+                version = max(version, msg.version)
+
+        def fetch(b: Broker) -> None:
+            """As the Worker does when it starts a round and a newer version was announced:
+            ask the aggregator for the model, and train (here: base the update) on it."""
+            nonlocal version
+            began = time.monotonic()
+            reply = b.call(topo.control, encode(Query("model")), timeout=120,
+                           exchange=topo.ingress)
+            msg = decode(reply.body)
+            if not isinstance(msg, Model) or not msg.tensors:
+                raise RuntimeError(f"asked for the model, got {msg}")
+            with self.lock:
+                self.fetches += 1
+                self.fetch_seconds.append(time.monotonic() - began)
+                self.models_received += 1
+                self.model_bytes += len(reply.body)
+                version = max(version, msg.version)
 
         def base() -> int:
             return version if listening else self.latest
 
+        if index > 0:  # after the party that brings the model (a federation needs one first)
+            self.model_joined.wait()
         with connect(self.plan.url) as b:
             # the join, as the Worker does it: model queue first, then the RPC
             if listening:
                 b.consume(topo.declare_model_queue(b, name), on_model, auto_ack=True)
-            body = encode(Join(name, NUM_SAMPLES, self.tensors(rng),
+            # the first party of each process brings the model, as every Worker does; the
+            # others send none (allowed once the federation has one), which spares the
+            # aggregator decoding hundreds of identical 4.8 MB joins that measure nothing
+            body = encode(Join(name, NUM_SAMPLES, self.tensors(rng) if index == 0 else {},
                                software="benchmarks.scale"))
             reply = decode(b.call(topo.control, body, timeout=300, exchange=topo.ingress).body)
             if not (isinstance(reply, Welcome) and reply.accepted):
                 raise RuntimeError(f"not welcomed: {reply}")
+            self.model_joined.set()
             seq = reply.next_seq
             with self.lock:
                 version = max(version, reply.version)
@@ -234,6 +282,8 @@ class Group:
             while not self.stop_publishing.is_set():
                 now = time.monotonic()
                 if due <= now:
+                    if listening and announced > version:
+                        fetch(b)
                     tensors = self.tensors(rng)
                     sent = time.time()
                     update = encode(Update(name, seq, max(base(), 0), NUM_SAMPLES, tensors,
@@ -301,11 +351,15 @@ def _run_group(plan: GroupPlan, events: Any, go: EventType, stop_publishing: Eve
     stop_all.wait()
     for t in threads:
         t.join(30)
+    listening = {name for name, on in zip(plan.parties, plan.listening, strict=True) if on}
     if group.errors:
         raise RuntimeError(group.errors[0])
     return {"confirmed": group.confirmed, "arrivals": group.arrivals,
             "overdue": group.overdue, "cpu_seconds": cpu,
             "models_received": group.models_received, "bad_models": group.bad_models,
+            "model_bytes": group.model_bytes, "fetches": group.fetches,
+            "listening_updates": sum(1 for c in group.confirmed if c[0] in listening),
+            "fetch_seconds": group.fetch_seconds,
             "heartbeats": group.heartbeats}
 
 
@@ -368,6 +422,36 @@ class RssSampler(threading.Thread):
             self.halt.wait(self.interval)
 
 
+class BrokerMemory(threading.Thread):
+    """Samples the broker's memory (``mem_used`` of every node, from the management API's
+    ``/api/nodes``) every ``interval`` s until stopped; no samples without the API."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        super().__init__(daemon=True, name="broker-memory")
+        parts = urlsplit(url)
+        self.url = urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port or 15672}",
+                               "/api/nodes", "", ""))
+        token = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
+        self.auth = "Basic " + base64.b64encode(token.encode()).decode()
+        self.interval = interval
+        self.samples: list[int] = []
+        self.halt = threading.Event()
+
+    def sample(self) -> int | None:
+        request = urllib.request.Request(self.url, headers={"authorization": self.auth})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as page:
+                return sum(int(n.get("mem_used", 0)) for n in json.load(page))
+        except (OSError, ValueError):
+            return None
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            if (used := self.sample()) is not None:
+                self.samples.append(used)
+            self.halt.wait(self.interval)
+
+
 def status_of(broker: Broker, topology: Topology, timeout: float) -> dict[str, Any] | None:
     """The aggregator's status report (the ``dfl status`` RPC); None when it does not answer
     in time (an overloaded aggregator is a result here, not an error)."""
@@ -416,11 +500,17 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
         [sys.executable, "-m", "aggregator", "--broker", args.broker,
          "--federation", federation, "--strategy", "fedbuff", "--buffer-k", str(args.buffer_k),
          "--no-eval", "--min-parties", "1", "--queue-type", args.queue_type,
-         "--checkpoint-dir", str(run_dir / "checkpoints"), "--ledger", str(ledger_path)],
+         "--checkpoint-dir", str(run_dir / "checkpoints"), "--ledger", str(ledger_path),
+         # joins are this benchmark's set-up, not what it measures: no admission limit
+         "--join-rate", str(max(20, parties)), "--max-parties", str(max(1000, parties)),
+         *(["--push-max-parties", str(args.push_max_parties)]
+           if args.push_max_parties is not None else [])],
         stdout=agg_log, stderr=subprocess.STDOUT)
     probe = ProcessProbe(agg.pid)
     sampler = RssSampler(probe)
     sampler.start()
+    broker_memory = BrokerMemory(args.management_url)
+    broker_memory.start()
     ctx = mp.get_context("spawn")
     events: Any = ctx.Queue()
     go, stop_publishing, stop_all = ctx.Event(), ctx.Event(), ctx.Event()
@@ -501,6 +591,8 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
                 agg.kill()
             sampler.halt.set()
             sampler.join()
+            broker_memory.halt.set()
+            broker_memory.join()
             # what the aggregator did not get to (after the drain timeout) is still queued
             queued = _read_queue(broker, topology.updates)
             dead = _read_queue(broker, topology.dead)
@@ -531,7 +623,8 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
     return summarize(args, parties, listeners, processes, results, ledger, dead, queued,
                      last, start, end, end_wall, confirmed_total, drained, drain_seconds,
                      join_seconds, depth_max, cpu_window, broker_cpu, rss_joined,
-                     rss_window_end, rss_final, sampler.samples)
+                     rss_window_end, rss_final, sampler.samples, broker_memory.samples,
+                     spec_size(spec) * 4)
 
 
 def _await(events: Any, kind: str, count: int, timeout: float) -> list[tuple[Any, ...]]:
@@ -582,8 +675,8 @@ def summarize(args: argparse.Namespace, parties: int, listeners: int | None, pro
               confirmed_total: int,
               drained: bool, drain_seconds: float, join_seconds: float,
               depth_max: int, cpu_window: float, broker_cpu: float, rss_joined: int,
-              rss_window_end: int, rss_final: int, rss_samples: list[tuple[float, int]]
-              ) -> dict[str, Any]:
+              rss_window_end: int, rss_final: int, rss_samples: list[tuple[float, int]],
+              broker_memory: list[int], model_bytes: int) -> dict[str, Any]:
     """The row of figures and the ledger balance of one run."""
     window = end - start
     k = args.buffer_k
@@ -660,6 +753,15 @@ def summarize(args: argparse.Namespace, parties: int, listeners: int | None, pro
         "balanced": not missing and not unexpected and len(confirmed) == confirmed_total,
         "heartbeats": sum(r["heartbeats"] for r in results),
         "models_received": sum(r["models_received"] for r in results),
+        "fetches": sum(r["fetches"] for r in results),
+        "fetch_p50": float(np.percentile([s for r in results for s in r["fetch_seconds"]]
+                                         or [math.nan], 50)) * 1000,
+        # models taken in by the listening parties (pushed or fetched) per update they sent:
+        # a party trains on one model a round, so 1.0 means nothing was sent for nothing
+        "models_per_round": (sum(r["model_bytes"] for r in results) / model_bytes
+                             / max(1, sum(r["listening_updates"] for r in results))),
+        "broker_mem_max": max(broker_memory) / 2**20 if broker_memory else math.nan,
+        "broker_mem_final": broker_memory[-1] / 2**20 if broker_memory else math.nan,
     }
 
 
@@ -690,6 +792,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for the aggregator to account for every "
                              "confirmed update after the window; what is left is read back "
                              "from the queue for the balance (default: 120)")
+    parser.add_argument("--push-max-parties", type=int, metavar="N",
+                        help="the aggregator's --push-max-parties (default: its own, 16): "
+                             "above N active parties it announces versions and parties fetch")
+    parser.add_argument("--management-url", default="http://guest:guest@127.0.0.1:15672",
+                        help="RabbitMQ's management API, for the broker's memory "
+                             "(default: http://guest:guest@127.0.0.1:15672)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", metavar="DIR",
                         help="keep ledgers, logs and per-process records here "
@@ -724,10 +832,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['p95']:.0f}", f"{r['max']:.0f}", f"{r['rss_max']:.0f}",
                      f"{r['rss_final']:.0f}", f"{100 * r['agg_cpu']:.0f}",
                      f"{100 * r['party_cpu']:.0f}", f"{100 * r['broker_cpu']:.0f}",
+                     f"{r['broker_mem_max']:.0f}", f"{r['models_per_round']:.2f}",
                      r["depth_max"]] for r in rows],
                    headers=["parties", "listening", "offered/s", "applied/s", "versions",
                             "p50 ms", "p95 ms", "max ms", "RSS max MiB", "RSS final MiB",
-                            "agg CPU %", "parties CPU %", "broker CPU %", "max backlog"],
+                            "agg CPU %", "parties CPU %", "broker CPU %", "broker MiB max",
+                            "models/round", "max backlog"],
                    tablefmt="github"))
     print()
     print(tabulate([[r["parties"], r["listeners"], r["confirmed"], r["applied"],
@@ -760,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"publish to confirm p50 {r['confirm_p50']:.0f} ms, p95 "
                      f"{r['confirm_p95']:.0f} ms; start behind schedule p95 "
                      f"{r['lag_p95']:.0f} ms")
+        notes.append(f"{r['fetches']} models fetched (p50 {r['fetch_p50']:.0f} ms); "
+                     f"broker memory {r['broker_mem_final']:.0f} MiB at the end")
         notes.append(f"{r['models_received']} models decoded by the listening parties; "
                      f"{r['heartbeats']} heartbeats; RSS {r['rss_joined']:.0f} MiB "
                      f"after the joins, {r['rss_window_end']:.0f} at the window's end")

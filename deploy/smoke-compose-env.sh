@@ -55,6 +55,8 @@ def local(text):
             .replace("/var/lib/dfl", f"{work}/state").replace("/etc/dfl/keys", f"{work}/keys"))
 def write(name, service, port):
     env = {k: local(v) for k, v in service["environment"].items()}
+    if "BROKER_HOSTS" in env:  # the daemons' broker nodes: the local RabbitMQ
+        env["BROKER_HOSTS"] = amqp_host
     env.update(DFL_FEDERATION=federation, HOME=f"{work}/home-{name}",
                KERAS_HOME=f"{work}/home-{name}/.keras", PYTHONDONTWRITEBYTECODE="1")
     if name != "keys":

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class Node:
     name: str
     port: int
     dist_port: int
+    prometheus_port: int
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
 
@@ -134,6 +136,19 @@ class Cluster:
                 raise NodeError(f"no leader for {queue}: {result.stderr or result.stdout}")
             time.sleep(0.5)
 
+    def reporting(self, queue: str) -> list[Node]:
+        """The running nodes whose Prometheus endpoint reports ``rabbitmq_queue_messages`` of
+        ``queue`` (per-object metrics): the series the dashboard labels with the leader."""
+        series = f'rabbitmq_queue_messages{{vhost="/",queue="{queue}"}}'
+        found = []
+        for node in self.running():
+            url = f"http://127.0.0.1:{node.prometheus_port}/metrics/per-object"
+            with urllib.request.urlopen(url, timeout=10) as page:
+                text = page.read().decode()
+            if any(line.startswith(series) for line in text.splitlines()):
+                found.append(node)
+        return found
+
     def members_online(self, queue: str) -> int:
         """How many of ``queue``'s members are online (3 when every replica is back)."""
         ask = self.running()[0]
@@ -154,18 +169,22 @@ def _prepare(root: Path, index: int, tag: str, home: Path) -> Node:
     folder = root / f"node{index}"
     for sub in (folder / "mnesia", folder / "log"):
         sub.mkdir(parents=True, exist_ok=True)
-    port, dist_port = free_port(), free_port()
-    while dist_port == port:
-        dist_port = free_port()
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    port, dist_port, prometheus_port = sorted(ports)
     (folder / "rabbitmq.conf").write_text("\n".join([
         f"listeners.tcp.1 = 127.0.0.1:{port}",
+        # the metrics the Grafana dashboard's "queue leaders per node" panel reads
+        "prometheus.tcp.ip = 127.0.0.1",
+        f"prometheus.tcp.port = {prometheus_port}",
         "log.console = false",
         "log.file.level = info",
         # a node that lost its peers pauses (stops serving) instead of diverging
         "cluster_partition_handling = pause_minority",
         "",
     ]))
-    (folder / "enabled_plugins").write_text("[].\n")
+    (folder / "enabled_plugins").write_text("[rabbitmq_prometheus].\n")
     (folder / "rabbitmq-env.conf").write_text("")
     name = f"dflc{tag}n{index}@localhost"
     env = {
@@ -184,7 +203,7 @@ def _prepare(root: Path, index: int, tag: str, home: Path) -> Node:
         "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
     }
-    return Node(folder, name, port, dist_port, env)
+    return Node(folder, name, port, dist_port, prometheus_port, env)
 
 
 def start(root: Path) -> Cluster:

@@ -580,3 +580,37 @@ def test_updates_of_one_party_out_of_order_are_each_applied_once(running: Any) -
     client.update("a", 1, 0)
     client.pump(lambda: agg.status.duplicates == 2)
     assert agg.version == 2 and agg.status.updates == 2
+
+
+def test_past_push_max_parties_versions_are_announced_and_fetched(env: Env) -> None:
+    """aggregator.distribution: with more active parties than --push-max-parties the fanout
+    carries versions only; a party fetches the newest model, encoded and signed once per
+    version for every fetch."""
+    agg = env.start(push_max_parties=1, mixing_alpha=0.5, staleness="constant")
+    client = env.client()
+    client.listen("a")
+    client.join("a")
+    client.join("b")
+    client.pump(lambda: len(client.models) == 1)
+    announced = client.models[0]
+    assert announced.version == 0 and announced.tensors == {}
+
+    def fetch() -> tuple[Model, bytes]:
+        reply = client.b.call(client.t.control, encode(Query("model")), timeout=5,
+                              exchange=client.t.ingress)
+        msg = decode(reply.body)
+        assert isinstance(msg, Model)
+        return msg, reply.body
+
+    model, body = fetch()
+    assert model.version == 0 and list(model.tensors) == list(SHAPES)
+    assert fetch()[1] == body  # the same bytes again (a new encoding has a new created_at)
+    client.update("a", 0, 0, value=2.0)
+    client.pump(lambda: len(client.models) == 2)
+    assert client.models[1].version == 1 and client.models[1].tensors == {}
+    newer, _ = fetch()
+    assert newer.version == 1
+    assert np.allclose(newer.tensors["dense/bias"], 1.0 + 0.5 * 2.0)
+    agg.stop()
+    agg.wait(10)
+    client.b.close()

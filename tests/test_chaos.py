@@ -45,7 +45,7 @@ TINY = ["--model", "worker.models:tiny_cnn", "--data", "worker.data:load_synthet
 class Federation(Procs):
     """An aggregator and workers as ``dfl`` processes, with ledgers and logs in ``tmp``."""
 
-    audit: dict[str, Any] = {"durable": False}  # noqa: RUF012 (how the audit queue is declared)
+    audit: dict[str, Any] = {"durable": False}
 
     def __init__(self, url: str, federation: str, tmp: Path, versions: int) -> None:
         super().__init__(tmp)

@@ -57,6 +57,12 @@ K8S = DEPLOY / "k8s"
 SECURE = K8S / "secure"  # kustomize Component: secure aggregation with the helper
 SYSTEMD = DEPLOY / "systemd"
 COMPOSE = DEPLOY / "docker-compose.yml"
+BROKER_LOOP = """DFL_BROKER=""
+for host in $${BROKER_HOSTS:-rabbitmq:5672}; do   # one URL per broker node
+  DFL_BROKER="$${DFL_BROKER:+$$DFL_BROKER,}amqp://$$user:$$password@$$host/%2F"
+done
+export DFL_BROKER"""
+"""How every daemon's compose entrypoint builds --broker: one URL per node of BROKER_HOSTS."""
 DOCKERFILE = DEPLOY / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "dfl-dashboard.json"
 SYSTEMD_UNITS = ("dfl-aggregator.service", "dfl-worker@.service", "dfl-keys.service",
@@ -98,6 +104,9 @@ HELPER_METRICS = {
     "dfl_helper_request_seconds": "histogram",
 }
 METRICS = {**AGGREGATOR_METRICS, **WORKER_METRICS, **HELPER_METRICS}
+BROKER_METRICS = ("rabbitmq_queue_messages", "rabbitmq_identity_info")
+"""RabbitMQ's own (its Prometheus plugin) that the broker-cluster row reads; that the queue
+series come from the leader's node alone is checked on a real cluster (tests/test_cluster.py)."""
 
 DFL_VAR = re.compile(r"\bDFL_[A-Z0-9_]+\b")
 # Variables the deploy files may name that are not options: the broker administrator's
@@ -330,7 +339,8 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
 
 def test_compose_structure(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "keys", "aggregator", "worker", "helper-keys", "helper"}
+    assert set(services) == {"rabbitmq", "keys", "aggregator", "worker", "helper-keys", "helper",
+                             "rabbitmq-2", "rabbitmq-3"}
     rabbit = services["rabbitmq"]
     assert rabbit["image"].startswith("rabbitmq:3.13-management")
     assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
@@ -348,7 +358,8 @@ def test_compose_structure(compose: dict[str, Any]) -> None:
         # each connects as its own user, whose password `keys` wrote: never the admin's
         assert "DFL_BROKER" not in service["environment"]
         script = service["entrypoint"][2]
-        assert 'export DFL_BROKER="amqp://$$user:$$password@rabbitmq:5672/%2F"' in script
+        assert BROKER_LOOP in script and service["environment"]["BROKER_HOSTS"] == (
+            "${BROKER_HOSTS:-rabbitmq:5672}")
         assert 'exec dfl "$$@"' in script
         assert not any("RABBITMQ" in v for v in service["environment"])
         assert "ports" not in service or service is agg  # scaled workers publish no host port
@@ -409,9 +420,25 @@ def test_compose_structure(compose: dict[str, Any]) -> None:
     assert "DFL_BROKER" not in helper["environment"]
     script = helper["entrypoint"][2]
     assert 'user="dfl-$$DFL_FEDERATION-helper"' in script
-    assert 'export DFL_BROKER="amqp://$$user:$$password@rabbitmq:5672/%2F"' in script
+    assert BROKER_LOOP in script
     for key in ("DFL_FEDERATION", "DFL_QUEUE_TYPE"):
         assert helper["environment"][key] == agg["environment"][key], key
+
+    # Profile cluster: two more nodes that join rabbit@rabbitmq with its Erlang cookie (copied
+    # read-only from its volume: no cookie in the file), each with its own data volume.
+    for name in ("rabbitmq-2", "rabbitmq-3"):
+        node = services[name]
+        assert node["profiles"] == ["cluster"] and node["hostname"] == name
+        assert node["image"] == rabbit["image"]
+        assert node["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+        assert f"{name}-data:/var/lib/rabbitmq" in node["volumes"]
+        assert "rabbitmq-data:/node1:ro" in node["volumes"]
+        assert "/node1/.erlang.cookie /var/lib/rabbitmq/.erlang.cookie" in node["entrypoint"][2]
+        assert [c["source"] for c in node["configs"]] == ["rabbitmq-dfl", "rabbitmq-cluster"]
+        assert "ports" not in node
+    cluster_conf = compose["configs"]["rabbitmq-cluster"]["content"]
+    assert "cluster_formation.classic_config.nodes.1 = rabbit@rabbitmq" in cluster_conf
+    assert not any("cookie" in c.get("content", "").lower() for c in compose["configs"].values())
 
     # credentials only through variables: no literal user:password@ in the file
     text = COMPOSE.read_text()
@@ -708,6 +735,11 @@ def test_compose_workers_claim_distinct_parties_with_their_own_identity(
     last = calls(stub_dfl)[-1]
     assert last["args"] == ["aggregator", "--keys", str(keys)]
     assert last["broker"] == "amqp://dfl-mnist-aggregator:pw-aggregator@rabbitmq:5672/%2F"
+    # profile cluster: one URL per node, in BROKER_HOSTS' order
+    nodes = "rabbitmq:5672 rabbitmq-2:5672 rabbitmq-3:5672"
+    assert run(aggregator, env={**env, "BROKER_HOSTS": nodes}).returncode == 0
+    assert calls(stub_dfl)[-1]["broker"] == ",".join(
+        f"amqp://dfl-mnist-aggregator:pw-aggregator@{n}/%2F" for n in nodes.split())
 
 
 def test_compose_helper_keys_and_helper_have_their_own_identity(
@@ -951,6 +983,12 @@ def test_systemd_keys_script_makes_identities_and_party_bundles(
     assert len(calls(stub_dfl)) == 3
     assert run(script, env=env).returncode == 0  # again: nothing to make
     assert len(calls(stub_dfl)) == 3
+    # a cluster: every node's URL gets the identity's user and password
+    env["DFL_BROKER"] = "amqp://old:pw@rabbit-1:5672/%2F,amqp://rabbit-2:5672/%2F"
+    assert run(script, env=env).returncode == 0
+    assert env_file(keys / "aggregator.env")["DFL_BROKER"] == (
+        "amqp://dfl-mnist-aggregator:pw-aggregator@rabbit-1:5672/%2F,"
+        "amqp://dfl-mnist-aggregator:pw-aggregator@rabbit-2:5672/%2F")
 
 
 @contextlib.contextmanager
@@ -1032,6 +1070,14 @@ def test_k8s_structure(options: dict[str, set[str]]) -> None:
         "additionalPlugins", "additionalConfig", "advancedConfig", "envConfig",
         "erlangInetConfig"}
     assert set(rabbit["spec"].get("persistence", {})) <= {"storageClassName", "storage"}
+    # the broker-cluster row of the dashboard: per-queue metrics, scraped from every node
+    assert ("prometheus.return_per_object_metrics = true"
+            in rabbit["spec"]["rabbitmq"]["additionalConfig"])
+    broker_monitor = find("ServiceMonitor", "dfl-rabbitmq")
+    assert broker_monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": rabbit["metadata"]["name"],
+        "app.kubernetes.io/component": "rabbitmq"}
+    assert [e["port"] for e in broker_monitor["spec"]["endpoints"]] == ["prometheus"]
 
     # Identities: the Job dfl-keys makes them (as the operator's default user) into the two
     # Secrets its Role may write; the aggregator and the workers read one each.
@@ -1352,6 +1398,9 @@ def test_grafana_dashboard() -> None:
         assert (f"histogram_quantile({q}, sum by (le) (rate(dfl_helper_request_seconds_bucket"
                 in exprs)
     assert "sum by (reason) (increase(dfl_helper_refused_total" in exprs
+    broker = [e for _, e in dashboard_targets() if "rabbitmq_" in e]
+    assert len(broker) == 2 and all(
+        "group_left (rabbitmq_node) rabbitmq_identity_info" in e for e in broker)
 
 
 def test_metric_list_matches_the_daemons_registries() -> None:
@@ -1501,8 +1550,10 @@ def test_compose_config_with_the_compose_loader(tmp_path: Path) -> None:
         assert int(worker["DFL_NUM_PARTIES"]) >= 1
         assert project["services"]["worker"]["command"][0] == "worker"
         assert project["services"]["worker"]["depends_on"]["keys"]["required"] is True
-        # the default stack: no helper, no secure aggregation
-        assert not {"helper", "helper-keys"} & set(project["services"])
+        # the default stack: no helper, no secure aggregation, one broker node
+        assert not {"helper", "helper-keys", "rabbitmq-2", "rabbitmq-3"} & set(
+            project["services"])
+        assert worker["BROKER_HOSTS"] == "rabbitmq:5672"
         assert worker["DFL_HELPER_KEY"] == ""
         assert project["services"]["aggregator"]["environment"][
             "DFL_SECURE_AGGREGATION"] == "false"
@@ -1512,8 +1563,21 @@ def test_compose_config_with_the_compose_loader(tmp_path: Path) -> None:
     assert keys["RABBITMQ_ADMIN_USER"] == "dfl-admin"
     assert keys["DFL_ADMIN_PASSWORD"] == "change-me-to-a-long-random-string"
 
-    # env.example's secure-aggregation block, uncommented as its comment says
     text = (DEPLOY / "env.example").read_text()
+    # env.example's cluster block, uncommented as its comment says: three nodes, three URLs
+    block = text[text.index("#COMPOSE_PROFILES=cluster"):].split("\n\n", 1)[0]
+    cluster = tmp_path / "cluster.env"
+    cluster.write_text(text.replace(block, block.replace("#", "")))
+    done = run([*cmd, "-f", str(COMPOSE), "--env-file", str(cluster), "config",
+                "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert {"rabbitmq-2", "rabbitmq-3"} <= set(services)
+    for name in ("aggregator", "worker"):
+        hosts = services[name]["environment"]["BROKER_HOSTS"].split()
+        assert [h.split(":")[0] for h in hosts] == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+
+    # env.example's secure-aggregation block, uncommented as its comment says
     block = text[text.index("#COMPOSE_PROFILES=secure"):].split("\n\n", 1)[0]
     assert block.count("\n#") >= 3
     secure = tmp_path / "secure.env"
@@ -1579,7 +1643,8 @@ def test_promql_queries_parse() -> None:
                 return True
 
             promql.walk(tree, visit)
-            assert names and all(n.startswith("dfl_") for n in names), (title, names)
+            assert names and all(n.startswith("dfl_") or n in BROKER_METRICS
+                                 for n in names), (title, names)
 
 
 def test_yamllint() -> None:

@@ -27,7 +27,12 @@ if [ ! -f helper.key ]; then
     rm -f "$user.password" helper.pub helper-seal.key helper-seal.pem
     dfl admin add-helper --federation "$federation" --keys "$keys" --management-url "$management"
 fi
-rest=${broker#*://}
-printf 'DFL_BROKER=%s://%s:%s@%s\n' "${broker%%://*}" "$user" "$(cat "$keys/$user.password")" \
-    "${rest#*@}" >helper.env.new
+password=$(cat "$keys/$user.password")
+urls=""
+IFS=,  # each node's URL, for the several nodes of a cluster separated by commas
+for url in $broker; do
+    rest=${url#*://}
+    urls="${urls:+$urls,}${url%%://*}://$user:$password@${rest#*@}"
+done
+printf 'DFL_BROKER=%s\n' "$urls" >helper.env.new
 mv helper.env.new helper.env

@@ -27,9 +27,17 @@ admin() {
     dfl admin "$@" --federation "$federation" --keys "$keys" --management-url "$management"
 }
 env_file() {  # USER: DFL_BROKER with USER and its password, as an environment file
-    rest=${broker#*://}
-    printf 'DFL_BROKER=%s://%s:%s@%s\n' "${broker%%://*}" "$1" "$(cat "$keys/$1.password")" \
-        "${rest#*@}"
+    # (each node's URL, for the several nodes of a cluster separated by commas)
+    password=$(cat "$keys/$1.password")
+    urls=""
+    old_ifs=$IFS
+    IFS=,
+    for url in $broker; do
+        rest=${url#*://}
+        urls="${urls:+$urls,}${url%%://*}://$1:$password@${rest#*@}"
+    done
+    IFS=$old_ifs
+    printf 'DFL_BROKER=%s\n' "$urls"
 }
 
 user="dfl-$federation-aggregator"
