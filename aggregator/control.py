@@ -173,7 +173,8 @@ class ControlProtocol:
               and len(self.agg.membership.active) >= self.agg.config.min_parties):
             self.agg._release()
         tensors: Tensors = {}
-        if self.agg.status.released:
+        if self.agg.status.released and self.agg.pushes_models():
+            # else the party fetches the model it is welcomed at (aggregator.distribution)
             tensors = dict(zip(self.agg.names, self.agg.weights, strict=True))
         return Welcome(join.party, True, "", self.agg.status.version,
                        self.agg.applied.last(join.party), incarnation * SEQ_RANGE,

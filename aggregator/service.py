@@ -496,6 +496,14 @@ class Aggregator(BackgroundService):
         return {"started": True, "version": self.status.version,
                 "parties": len(self.membership.active)}
 
+    def pushes_models(self) -> bool:
+        """Whether models go to the parties themselves (broadcasts, welcomes) or only their
+        versions, the parties fetching the model (``aggregator.distribution``)."""
+        tensors = dict(zip(self.names, self.weights, strict=True))
+        return push_model(model_size_bound(tensors), len(self.membership.active),
+                          max_chunk_bytes=self.config.max_chunk_bytes,
+                          push_max_parties=self.config.push_max_parties)
+
     def model_reply(self) -> tuple[bytes, dict[str, str] | None]:
         """The current model as ``Query("model")`` is answered: body and signature headers,
         made once per version (``aggregator.distribution``)."""
@@ -679,9 +687,7 @@ class Aggregator(BackgroundService):
     def _broadcast(self) -> None:
         assert self._broker is not None
         tensors = dict(zip(self.names, self.weights, strict=True))
-        cfg, active = self.config, len(self.membership.active)
-        push = push_model(model_size_bound(tensors), active, max_chunk_bytes=cfg.max_chunk_bytes,
-                          push_max_parties=cfg.push_max_parties)
+        push, active = self.pushes_models(), len(self.membership.active)
         if push != self._pushing:
             self._pushing = push
             log.info("%s", "pushing each new model to the parties" if push else

@@ -270,15 +270,23 @@ class Group:
             self.model_joined.set()
             seq = reply.next_seq
             with self.lock:
-                version = max(version, reply.version)
-                self.latest = max(self.latest, version)
+                if reply.tensors:
+                    self.models_received += 1
+                    version = max(version, reply.version)
+                else:  # welcomed without the model (announcing): fetched before the first send
+                    announced = max(announced, reply.version)
+                self.latest = max(self.latest, reply.version)
             self.joined.release()
             done["joined"] = True
-            while not self.go.is_set():
+            beat = time.monotonic() + HEARTBEAT_SECONDS * (index + 0.5) / len(self.plan.parties)
+            while not self.go.is_set():  # the other parties still join: keep the lease
+                if time.monotonic() >= beat:
+                    b.publish(topo.ingress, topo.control, encode(Heartbeat(name, base())),
+                              persistent=False)
+                    beat += HEARTBEAT_SECONDS
                 b.process_events(0.1)
             started = time.monotonic()
             due = started + rng.exponential(1 / self.plan.rate)
-            beat = started + HEARTBEAT_SECONDS * (index + 0.5) / len(self.plan.parties)
             while not self.stop_publishing.is_set():
                 now = time.monotonic()
                 if due <= now:
@@ -437,13 +445,28 @@ class BrokerMemory(threading.Thread):
         self.samples: list[int] = []
         self.halt = threading.Event()
 
-    def sample(self) -> int | None:
+    def nodes(self) -> list[dict[str, Any]] | None:
         request = urllib.request.Request(self.url, headers={"authorization": self.auth})
         try:
             with urllib.request.urlopen(request, timeout=5) as page:
-                return sum(int(n.get("mem_used", 0)) for n in json.load(page))
+                return list(json.load(page))
         except (OSError, ValueError):
             return None
+
+    def sample(self) -> int | None:
+        nodes = self.nodes()
+        return None if nodes is None else sum(int(n.get("mem_used", 0)) for n in nodes)
+
+    def check_file_descriptors(self, parties: int) -> None:
+        """Each party is a connection, a file descriptor of the broker: refuse, in one line,
+        a run the broker cannot hold (out of descriptors RabbitMQ 3.10 lost its memory
+        monitor here, and could not declare queues, until restarted)."""
+        nodes = self.nodes()
+        have = min((int(n.get("fd_total") or 0) for n in nodes), default=0) if nodes else 0
+        if nodes and have < parties + 200:
+            raise SystemExit(f"the broker may open {have} files, too few for {parties} "
+                             f"parties' connections: restart it with `ulimit -n "
+                             f"{max(4096, 2 * parties)}` in force (benchmarks/README.md)")
 
     def run(self) -> None:
         while not self.halt.is_set():
@@ -510,6 +533,7 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
     sampler = RssSampler(probe)
     sampler.start()
     broker_memory = BrokerMemory(args.management_url)
+    broker_memory.check_file_descriptors(parties)
     broker_memory.start()
     ctx = mp.get_context("spawn")
     events: Any = ctx.Queue()
@@ -541,7 +565,7 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
                 p.start()
                 procs.append(p)
             join_began = time.monotonic()
-            _await(events, "joined", processes, 60 + parties)
+            _await(events, "joined", processes, 60 + parties, broker)
             join_seconds = time.monotonic() - join_began
             rss_joined = probe.rss()
             cpu0 = probe.cpu_seconds()
@@ -569,7 +593,7 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
             if status is not None:
                 last = (time.monotonic(), int(status["updates"]))
             confirmed_total = sum(n for _kind, _i, n in
-                                  _await(events, "published", processes, 120))
+                                  _await(events, "published", processes, 120, broker))
             drained = False
             drain_deadline = time.monotonic() + args.drain_timeout
             while not drained and time.monotonic() < drain_deadline:
@@ -627,16 +651,20 @@ def run_scale(args: argparse.Namespace, parties: int, listeners: int | None,
                      spec_size(spec) * 4)
 
 
-def _await(events: Any, kind: str, count: int, timeout: float) -> list[tuple[Any, ...]]:
-    """Wait for ``count`` ``kind`` events from the party processes; an error event raises."""
+def _await(events: Any, kind: str, count: int, timeout: float,
+           broker: Broker | None = None) -> list[tuple[Any, ...]]:
+    """Wait for ``count`` ``kind`` events from the party processes; an error event raises.
+    ``broker``'s connection is kept alive meanwhile (its AMQP heartbeats)."""
     got: list[tuple[Any, ...]] = []
     deadline = time.monotonic() + timeout
     while len(got) < count:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RuntimeError(f"only {len(got)} of {count} party processes reported {kind!r}")
+        if broker is not None:
+            broker.process_events(0.0)
         try:
-            event = events.get(timeout=remaining)
+            event = events.get(timeout=min(remaining, 1.0))
         except Exception:
             continue
         if event[0] == "error":

@@ -590,7 +590,8 @@ def test_past_push_max_parties_versions_are_announced_and_fetched(env: Env) -> N
     client = env.client()
     client.listen("a")
     client.join("a")
-    client.join("b")
+    welcome = client.join("b")  # the second join releases version 0, to 2 > 1 parties
+    assert welcome.version == 0 and welcome.tensors == {}  # b fetches it
     client.pump(lambda: len(client.models) == 1)
     announced = client.models[0]
     assert announced.version == 0 and announced.tensors == {}

@@ -281,6 +281,9 @@ class Worker(BackgroundService):
                                        or during.version > self._latest.version):
                 self._latest = during
             self._last_base = -1
+            if self._latest is None and reply.version >= 0 and not reply.tensors:
+                # welcomed without the model (many parties: aggregator.distribution): fetch it
+                self._announced = max(self._announced or -1, reply.version)
             if self._latest is not None:
                 log.info("party %s joined at model version %d", cfg.party,
                          self._latest.version)
