@@ -100,6 +100,17 @@ def test_shuffled_and_duplicated_chunks_reassemble_once() -> None:
     assert r.discarded() == []
 
 
+def test_a_header_key_that_is_not_text_does_not_break_reassembly() -> None:
+    """pika hands over a non-UTF-8 table key as bytes (found by the envelope fuzzer: it
+    raised TypeError inside reassembly, an internal error)."""
+    body = bytes(3 * LIMIT)
+    r: Reassembler[int] = Reassembler(max_bytes=len(body))
+    wholes = [w for i, (c, h) in enumerate(chunks_of(body))
+              if (w := r.add({**h, b"\xff\xfe": 1, "x-dfl-other": "kept"}, c, i)) is not None]
+    assert len(wholes) == 1 and wholes[0].body == body and r.discarded() == []
+    assert wholes[0].headers == {b"\xff\xfe": 1, "x-dfl-other": "kept"}  # as published
+
+
 def test_a_changed_byte_fails_the_hash_and_every_chunk_comes_back() -> None:
     body = bytes(5 * LIMIT)
     chunks = chunks_of(body)

@@ -162,7 +162,7 @@ def fed(amqp_url: str) -> Iterator[Federation]:
     agg = Aggregator(AggregatorConfig(
         broker=amqp_url, federation=federation, evaluate=False, min_parties=1,
         strategy="fedasync", staleness="constant", mixing_alpha=0.5, max_staleness=10**6,
-        max_message_bytes=256 * 1024, max_chunk_bytes=CHUNK, chunk_timeout=0.4,
+        max_message_bytes=256 * 1024, max_chunk_bytes=CHUNK, chunk_timeout=1.0,
         join_rate=1000.0)).start()
     client = Client(amqp_url, topology, collect_dead=False)  # F.dead is bounded: leave it
     welcome = client.join("a")

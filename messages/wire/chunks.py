@@ -161,8 +161,9 @@ def message_headers(headers: Mapping[str, Any]) -> Headers:
 
 
 def _own(headers: Mapping[str, Any]) -> Headers:
+    # a key that is not text (pika hands over a non-UTF-8 table key as bytes) is never ours
     return {k: v for k, v in headers.items()
-            if k.startswith(OWN_PREFIX) and k not in CHUNK_HEADERS}
+            if isinstance(k, str) and k.startswith(OWN_PREFIX) and k not in CHUNK_HEADERS}
 
 
 @dataclass(slots=True)
