@@ -133,6 +133,8 @@ class ChunkedBroker(Broker):
         self._subs: dict[str, _Subscription] = {}
         self._ids = itertools.count(1)
         self._unsettled: dict[int, _Subscription] = {}  # manual-ack deliveries, in tag order
+        self.deliveries = 0
+        """Deliveries received from the inner broker so far (chunks count one each)."""
         self._held: dict[int, _Subscription] = {}  # of those, chunks of incomplete sets
         self._resume: _Resume | None = None
 
@@ -229,6 +231,7 @@ class ChunkedBroker(Broker):
             self.inner.cancel(tag)
 
     def _on_delivery(self, sub: _Subscription, d: Delivery) -> None:
+        self.deliveries += 1
         if not sub.auto_ack:
             self._unsettled[d.tag] = sub
             sub.outstanding += 1
