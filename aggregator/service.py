@@ -686,16 +686,16 @@ class Aggregator(BackgroundService):
 
     def _broadcast(self) -> None:
         assert self._broker is not None
-        tensors = dict(zip(self.names, self.weights, strict=True))
-        push, active = self.pushes_models(), len(self.membership.active)
+        push = self.pushes_models()
         if push != self._pushing:
             self._pushing = push
             log.info("%s", "pushing each new model to the parties" if push else
-                     f"announcing new versions ({active} active parties, a model of "
-                     f"{model_size_bound(tensors)} bytes): parties fetch the model when they "
+                     f"announcing new versions ({len(self.membership.active)} active parties, "
+                     f"--push-max-parties {self.config.push_max_parties}, --max-chunk-bytes "
+                     f"{self.config.max_chunk_bytes}): parties fetch the model when they "
                      "start a round")
-        if not push:  # announce the version; parties fetch it (aggregator.distribution)
-            tensors = {}
+        # announced: the version alone, parties fetch the model (aggregator.distribution)
+        tensors = dict(zip(self.names, self.weights, strict=True)) if push else {}
         body = encode(Model(self.status.version, tensors))
         self.durability.mark_broadcast(self.status.version)
         self._to_parties(self._broker, body)
