@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aggregator.config import START_MODES, AggregatorConfig
+from aggregator.config import ROLES, START_MODES, AggregatorConfig
 from aggregator.staleness import STALENESS_FUNCTIONS
 from aggregator.strategies import AGGREGATIONS, SERVER_OPTIMIZERS, STRATEGIES
 from messages.daemon.cli import (
@@ -172,6 +172,23 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
     sa.add_argument("--secagg-max-weight", type=int, metavar="W",
                     help="integer weight levels of an update in a masked sum (default 16; "
                          "the helper's --max-weight must be at least this)")
+    so = parser.add_argument_group("scale-out: edge aggregators under one root (FedBuff)")
+    so.add_argument("--role", choices=ROLES,
+                    help="single: apply the parties' updates (default); edge: compete with "
+                         "other edges for the updates and forward each batch as one partial "
+                         "sum; root: apply the edges' partial sums, run the control plane "
+                         "and broadcast (needs --strategy fedbuff)")
+    so.add_argument("--edge-id", metavar="ID",
+                    help="an edge's name in logs and queues (default edge-<host>-<pid>)")
+    so.add_argument("--edge-k", type=int, metavar="N",
+                    help="updates per partial sum (default 8)")
+    so.add_argument("--edge-flush-seconds", type=float, metavar="S",
+                    help="send a partial sum of fewer updates once its oldest is this old "
+                         "(default 0.5)")
+    so.add_argument("--edge-answer-seconds", type=float, metavar="S",
+                    help="send a partial sum again when the root has not answered it within "
+                         "S seconds (default 30; the root answers a repeat without applying "
+                         "it twice)")
     add_insecure_option(sec)
     bind_settings(parser, AggregatorConfig)
     return parser
@@ -179,14 +196,23 @@ def build_parser(prog: str = "dfl aggregator") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "dfl aggregator") -> int:
     ns = build_parser(prog).parse_args(argv)
+    from aggregator.edge import Edge
     from aggregator.service import Aggregator
 
-    def run(aggregator: Aggregator) -> str:
-        status = aggregator.run()
+    def run(daemon: Aggregator | Edge) -> str:
+        if isinstance(daemon, Edge):
+            edge = daemon.run()
+            return (f"edge {daemon.edge_id} finished ({edge.finished or 'stopped'}): "
+                    f"{edge.taken} updates taken by the root in {edge.partials} partials, "
+                    f"{edge.duplicates} duplicates, {sum(edge.dead.values())} dead-lettered")
+        status = daemon.run()
         return (f"finished at version {status.version}: {status.finished or 'stopped'}; "
                 f"{status.updates} updates applied, accuracy {status.accuracy}")
 
-    return run_daemon(prog, ns, AggregatorConfig, Aggregator, run)
+    def make(config: AggregatorConfig) -> Aggregator | Edge:
+        return Edge(config) if config.role == "edge" else Aggregator(config)
+
+    return run_daemon(prog, ns, AggregatorConfig, make, run)
 
 
 if __name__ == "__main__":

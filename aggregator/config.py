@@ -14,7 +14,7 @@ from aggregator.staleness import StalenessKind
 from aggregator.strategies import Aggregation, ServerOptimizerName, StrategyName
 from messages.daemon.settings import FederationSettings
 from messages.secagg.quantize import scale_for
-from messages.transport.topology import DEFAULT_DELIVERY_LIMIT
+from messages.transport.topology import DEFAULT_DELIVERY_LIMIT, check_name
 from messages.types import Settings
 
 SECAGG_CLIP = 100.0
@@ -25,6 +25,13 @@ StartMode = Literal["min-parties", "manual"]
 """When model version 0 is released: once ``min_parties`` parties have joined, or only when
 asked (``Aggregator.start_training()``, ``dfl start``, a ``Query("start")`` on F.control)."""
 START_MODES: tuple[str, ...] = get_args(StartMode)
+
+Role = Literal["single", "root", "edge"]
+"""What an aggregator process does: ``single`` consumes the parties' updates and applies them
+(the default); ``edge`` competes with other edges for the updates and forwards each batch as
+one partial sum to the ``root``, which applies partial sums instead of updates
+(``aggregator.edge``, ``aggregator.partials``)."""
+ROLES: tuple[str, ...] = get_args(Role)
 
 
 class AggregatorConfig(FederationSettings):
@@ -89,6 +96,12 @@ class AggregatorConfig(FederationSettings):
     secure_aggregation: bool = False
     secagg_clip: float = Field(default=SECAGG_CLIP, gt=0)
     secagg_max_weight: int = Field(default=16, ge=1, le=1 << 16)
+    # scale-out (aggregator/edge.py): edges fold updates into partial sums for one root
+    role: Role = "single"
+    edge_id: str | None = None  # an edge's name (default: edge-<host>-<pid>)
+    edge_k: int = Field(default=8, ge=1, le=4096)
+    edge_flush_seconds: float = Field(default=0.5, gt=0)
+    edge_answer_seconds: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorConfig:
@@ -100,6 +113,8 @@ class AggregatorConfig(FederationSettings):
             raise ValueError("--max-update-norm needs --strategy fedasync or fedbuff")
         if self.secure_aggregation:
             self._secure_combination()
+        if self.role != "single":
+            self._scale_out_combination()
         if self.queue_type == "classic" and self.broker.startswith("amqp"):
             raise ValueError("--queue-type classic: classic queues have no delivery limit on "
                              "RabbitMQ 3.x, so a message that crashes the aggregator would be "
@@ -124,6 +139,20 @@ class AggregatorConfig(FederationSettings):
             raise ValueError(f"--secure-aggregation needs --buffer-k >= 3 (got "
                              f"{self.buffer_k}): the helper answers only for sets of at least "
                              "3 distinct parties")
+
+    def _scale_out_combination(self) -> None:
+        """What edge and root cannot do, refused with the reason."""
+        if self.strategy != "fedbuff" or self.aggregation != "mean":
+            raise ValueError(f"--role {self.role} needs --strategy fedbuff with --aggregation "
+                             "mean: only a weighted mean can be summed in parts")
+        if self.secure_aggregation:
+            raise ValueError(f"--role {self.role} with --secure-aggregation: masked buffers "
+                             "are unmasked by one leader; run a single aggregator")
+        if self.max_update_norm is not None:
+            raise ValueError(f"--role {self.role} with --max-update-norm: clipping is not "
+                             "applied to partial sums; clip on the parties (--dp-clip)")
+        if self.edge_id is not None:
+            check_name("--edge-id", self.edge_id)
 
     def _missing_keys(self) -> tuple[list[str], str]:
         if self.keys_dir:

@@ -84,7 +84,8 @@ class ControlProtocol:
             answer = encode(Report(self.agg._start_training() if signer is not None
                                    or self.agg._keyring is None else {"error": UNSIGNED_START}))
             self.agg._broker.reply(d, answer, headers=signature_headers(self.agg._signer, answer))
-        elif isinstance(msg, Query) and msg.what == "model" and self.agg.weights:
+        elif (isinstance(msg, Query) and msg.what == "model" and self.agg.weights
+              and self.agg.status.version >= 0):  # a model under version -1 cannot decode
             body, headers = self.agg.model_reply()  # encoded and signed once a version
             self.agg._broker.reply(d, body, headers=headers)
             event = replace(event, durable=False)  # read-only
@@ -142,7 +143,9 @@ class ControlProtocol:
                                         time.monotonic() - self.agg._started,
                                         secure=secure.report() if secure else None))
         if query.what == "model":
-            return Report({"error": "there is no model yet: no party has joined"})
+            return Report({"error": "there is no model yet: no party has joined" if not
+                           self.agg.weights else "no model released yet: training has not "
+                           "started"})
         return Report({"error": f"unknown query {query.what!r}: ask for status, model or start"})
 
     def _welcome(self, join: Join) -> Welcome:

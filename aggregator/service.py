@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.boundary import dead_lettered, guard
+from aggregator.boundary import connect_guarded, guard
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.control import ControlProtocol
@@ -37,6 +37,7 @@ from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outcomes import DeliveryEvent, Ending, Observers, UpdateStage
+from aggregator.partials import DUPLICATE, check_partial, refusals
 from aggregator.report import Status
 from aggregator.secure import MaskCoordinator
 from aggregator.staleness import make_staleness
@@ -47,6 +48,7 @@ from aggregator.strategies import (
     make_optimizer,
     make_strategy,
 )
+from aggregator.strategies.fedbuff import FedBuff
 from aggregator.strategies.secure import SecureFedBuff
 from aggregator.validation import check_update
 from messages.daemon.allocator import keep_large_buffers
@@ -54,7 +56,7 @@ from messages.daemon.plugins import build_model
 from messages.errors import ConfigError, FederationError, InvalidMessage, StateError
 from messages.secagg.sealing import SealedSeed
 from messages.transport.broker import Broker, Delivery, mask_url
-from messages.transport.chunked import ChunkedBroker, chunked
+from messages.transport.chunked import ChunkedBroker
 from messages.transport.connect import connect
 from messages.transport.envelope import check_envelope
 from messages.transport.supervisor import BackgroundService, Connected, supervise
@@ -62,13 +64,14 @@ from messages.transport.topology import Topology
 from messages.types import NDArrays, Tensors, TensorSpec, spec_of
 from messages.wire.chunks import model_size_bound
 from messages.wire.codec import decode, encode
-from messages.wire.kinds import Model, Stop, Update
+from messages.wire.kinds import Model, Partial, Stop, Taken, Update
 from messages.wire.signing import (
     AGGREGATOR,
     SIGNATURE_HEADER,
     SIGNER_HEADER,
     Keyring,
     Signer,
+    aggregator_keyring,
     check_signer,
     load_keyring,
     load_signer,
@@ -132,6 +135,10 @@ class Aggregator(BackgroundService):
             self._keyring = load_keyring(config.keys_dir, exclude=AGGREGATOR)
             self._signer = load_signer(Path(config.keys_dir) / f"{AGGREGATOR}.key", AGGREGATOR)
             self._keys_mtime = os.stat(config.keys_dir).st_mtime_ns
+        # a root takes partial sums only from edges, which sign with the aggregator's own key
+        self._edges: Keyring | None = (
+            aggregator_keyring(Path(config.keys_dir) / f"{AGGREGATOR}.pub")
+            if config.keys_dir and config.role == "root" else None)
         self.names: list[str] = []
         self.weights: NDArrays = []
         self.spec: TensorSpec = ()
@@ -248,12 +255,8 @@ class Aggregator(BackgroundService):
 
     def _session(self, connected: Connected) -> None:
         cfg = self.config
-        # chunks of big updates and joins stay unacked until their message is whole and
-        # handled; sets that fail or stall go to _reject (dead-lettered, never applied)
-        broker = self._broker = chunked(
-            connect(cfg.broker), cfg,
-            reject=lambda d, exc: self.observers.notify(
-                dead_lettered(d, exc.reason, exc.detail, self._dead_letter)))
+        broker = self._broker = connect_guarded(cfg.broker, cfg, reject=self._dead_letter,
+                                                notify=self.observers.notify)
         self.durability.session(broker)
         try:
             self.topology.declare(broker)
@@ -263,10 +266,14 @@ class Aggregator(BackgroundService):
             # at a time, a message that crashes us again is the only one whose delivery count
             # grows, so the broker's delivery limit ends a crash loop without ever counting an
             # innocent message out with it.
+            # a root applies the edges' partial sums instead of the parties' updates
+            inbox = ((self.topology.partials, self._handle_partial) if cfg.role == "root"
+                     else (self.topology.updates, self._handle_update))
+            if cfg.role == "root":
+                self.topology.declare_partials(broker)
             self._probation = {
                 queue: broker.consume(queue, self._guarded(handle), prefetch=1)
-                for queue, handle in ((self.topology.control, self.control.handle),
-                                      (self.topology.updates, self._handle_update))}
+                for queue, handle in ((self.topology.control, self.control.handle), inbox)}
             if self.secure is not None:
                 self.secure.session(broker)
             connected(mask_url(broker.url))
@@ -583,6 +590,85 @@ class Aggregator(BackgroundService):
         self.metrics.apply_seconds.observe(time.perf_counter() - began)
         return DeliveryEvent(Ending.APPLIED, d.queue, "update", update.party, update.seq,
                              staleness, outcome=outcome.value)
+
+    def _handle_partial(self, d: Delivery) -> DeliveryEvent:
+        """A root's stages of an edge's partial sum (``aggregator.partials``): envelope, the
+        edge's signature (the aggregator's own key, which edges hold), decode, the partial's
+        form, then every member against the state. All new and valid: applied through
+        FedBuff, checkpointed, then answered ``accepted``; else answered with the members it
+        cannot take, nothing applied."""
+        assert self._broker is not None
+        cfg = self.config
+        check_envelope(d)
+        if self._edges is not None:
+            self._edges.verify(d.body, d.headers)
+        partial = decode(d.body, cfg.max_message_bytes)
+        if not isinstance(partial, Partial):
+            raise InvalidMessage("wrong-queue", f"{partial.KIND} does not belong on partials")
+        try:
+            check_partial(partial, self.spec)
+        except InvalidMessage as exc:  # the edge dead-letters each member with the reason
+            self._answer_partial(d, partial, [(i, exc.reason)
+                                              for i in range(len(partial.parties))])
+            raise
+        version = self.status.version
+        problems = refusals(partial, parties=self.membership.parties, granted=self.incarnation,
+                            applied=self.applied, version=version,
+                            max_staleness=cfg.max_staleness)
+        if problems:
+            for i, reason in problems:
+                if reason == "unknown-party":
+                    self.control.ask_to_rejoin(partial.parties[i])
+                elif reason == DUPLICATE:
+                    self.observers.notify(DeliveryEvent(Ending.DUPLICATE, d.queue, "update",
+                                                        partial.parties[i], partial.seqs[i]))
+            self._answer_partial(d, partial, problems)
+            held = (len(problems) == len(partial.parties)
+                    and all(reason == DUPLICATE for _i, reason in problems))
+            return DeliveryEvent(Ending.DUPLICATE if held else Ending.APPLIED, d.queue,
+                                 "partial", partial.edge, partial.number,
+                                 outcome="held" if held else "refused", durable=False)
+        stale = [version - b for b in partial.bases]
+        assert isinstance(self.strategy, FedBuff)  # --role root needs it (AggregatorConfig)
+        try:
+            outcome = self.strategy.offer_sum(self.weights, list(partial.tensors.values()),
+                                              partial.weight, list(partial.parties), max(stale))
+        except Exception as exc:
+            raise StateError(f"the strategy failed applying partial {partial.number} of edge "
+                             f"{partial.edge} ({type(exc).__name__}: {exc}); stopping, a "
+                             "restart resumes from the last checkpoint") from exc
+        now = time.monotonic()
+        for party, seq, base, s in zip(partial.parties, partial.seqs, partial.bases, stale,
+                                       strict=True):
+            self.applied.add(party, seq)
+            self.membership.seen(party)
+            self.membership.record(party, s, base, {})
+            self._applied_times.append(now)
+            if cfg.ledger:
+                self.ledger.append([party, seq])
+            self.observers.notify(DeliveryEvent(Ending.APPLIED, d.queue, "update", party, seq,
+                                                s, outcome=outcome.value))
+        if outcome is Outcome.APPLIED:
+            self._new_version()
+        # the answer lets the edge ack the members' updates: only once a checkpoint holds them
+        self._handled(d)
+        self._commit(force=True)
+        self._answer_partial(d, partial, [])
+        return DeliveryEvent(Ending.APPLIED, d.queue, "partial", partial.edge, partial.number,
+                             outcome=outcome.value)
+
+    def _answer_partial(self, d: Delivery, partial: Partial,
+                        problems: list[tuple[int, str]]) -> None:
+        """``Taken``, naming each member of ``problems`` with its reason: accepted when there
+        are none, or when the state already holds every member (all named ``duplicate``)."""
+        assert self._broker is not None
+        held = len(problems) == len(partial.parties) and all(
+            reason == DUPLICATE for _i, reason in problems)
+        answer = encode(Taken(partial.number, not problems or held, self.status.version,
+                              [partial.parties[i] for i, _r in problems],
+                              [partial.seqs[i] for i, _r in problems],
+                              [r for _i, r in problems]))
+        self._broker.reply(d, answer, headers=signature_headers(self._signer, answer))
 
     def _account(self, event: DeliveryEvent) -> None:
         """The default observer: status counters, metrics and the log line of each outcome."""

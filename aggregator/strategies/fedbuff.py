@@ -140,6 +140,34 @@ class FedBuff(Strategy):
         self._max_staleness = 0
         return Outcome.APPLIED
 
+    def offer_sum(self, weights: NDArrays, total: NDArrays, weight: float,
+                  parties: list[str], max_staleness: int) -> Outcome:
+        """Add an edge's partial sum (``sum n_i * S(s_i) * d_i`` over ``parties``, and the sum
+        of those weights) to the buffer, as if each member had been offered (mean mode
+        only); apply the buffer once it holds ``k`` or more contributions."""
+        if self.aggregation != "mean":
+            raise ValueError("a partial sum can only join a mean-mode buffer")
+        _check_shapes(weights, total, "partial sum")
+        if not parties or not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"a partial sum needs members and a positive weight, got "
+                             f"{len(parties)} and {weight}")
+        acc = self._acc
+        if acc is None or not self._parties:
+            acc = _buffers_like(acc, weights)
+        self._acc = acc
+        for a, t in zip(acc, total, strict=True):
+            axpy(1.0, t, a)
+        self._weight_sum += weight
+        self._parties.extend(parties)
+        self._max_staleness = max(self._max_staleness, max_staleness)
+        if len(self._parties) < self.k:
+            return Outcome.BUFFERED
+        self._apply_sum(weights, staleness_scaled(self.eta, self._max_staleness,
+                                                  self.staleness_threshold))
+        self._parties.clear()
+        self._max_staleness = 0
+        return Outcome.APPLIED
+
     def _add_to_sum(self, weights: NDArrays, delta: NDArrays, weight: float,
                     scale: float) -> None:
         """Mean mode: ``acc += weight * scale * delta``, ``weight_sum += weight``."""

@@ -14,6 +14,8 @@ Every name is prefixed by the federation id ``F`` so several federations share a
   would need several chunks, which that queue cannot hold, so parties fetch it by RPC.
 - ``F.dead``     fanout exchange + durable queue holding every rejected message, byte for
   byte, and beside each a reason record (``messages.wire.deadletters``); bounded (oldest first out).
+- ``F.partials`` durable queue, edge aggregators -> root (``--role edge|root``), dead-letters
+  to ``F.dead``, with the delivery limit.
 
 ``F.updates`` and ``F.control`` carry an explicit delivery limit (quorum queues'
 ``x-delivery-limit``; RabbitMQ 3.x has no default): a message that crashed or stalled its
@@ -123,6 +125,17 @@ class Topology:
         f = re.escape(self.federation)
         queues = f"^({f}\\.helper|{f}\\.sums|{f}\\.dead)$"
         return queues, f"^({f}\\.dead|amq\\.default)$", f"^{f}\\.helper$"
+
+    @property
+    def partials(self) -> str:
+        """Edge aggregators' partial sums, consumed by the root (``aggregator.edge``)."""
+        return f"{self.federation}.partials"
+
+    def declare_partials(self, broker: Broker) -> None:
+        """The queue from the edges to the root (idempotent; root and edges declare it):
+        durable, with the delivery limit, so a partial waits for a root that is down."""
+        broker.declare_exchange(self.dead, "fanout")
+        broker.declare_queue(self.partials, arguments=self._consumed_args())
 
     def model_queue(self, party: str) -> str:
         return f"{self.federation}.models.{party}"

@@ -617,6 +617,14 @@ _INT_BOUNDS: dict[tuple[str, str], Checker] = {
     ("mask-request", "weights"): _int_in(1, bounds.MAX_MASK_WEIGHT, "bad-weight"),
     ("mask-request", "length"): _int_in(1, bounds.MAX_MASK_WORDS),
     ("mask-sum", "request"): _int_in(0, MAX_INT),
+    ("partial", "number"): _int_in(0, MAX_INT),
+    ("partial", "version"): _int_in(0, bounds.MAX_VERSION),
+    ("partial", "seqs"): _int_in(0, bounds.MAX_SEQ),
+    ("partial", "bases"): _int_in(0, bounds.MAX_VERSION),
+    ("partial", "samples"): _int_in(1, bounds.MAX_SAMPLES, "bad-samples"),
+    ("taken", "number"): _int_in(0, MAX_INT),
+    ("taken", "version"): _int_in(-1, bounds.MAX_VERSION),
+    ("taken", "seqs"): _int_in(0, bounds.MAX_SEQ),
 }
 """The range of every integer field, by (kind, field)."""
 
@@ -634,6 +642,10 @@ _TEXT_BOUNDS: dict[tuple[str, str], Checker] = {
     ("query", "what"): _text_of(bounds.MAX_WORD),
     ("mask-request", "parties"): _party,
     ("mask-sum", "reason"): _text_of(bounds.MAX_REASON),
+    ("partial", "edge"): _party,
+    ("partial", "parties"): _party,
+    ("taken", "parties"): _party,
+    ("taken", "reasons"): _text_of(bounds.MAX_WORD),
 }
 """The checker of every string field, by (kind, field)."""
 

@@ -173,10 +173,56 @@ class MaskSum:
     tensors: Tensors
 
 
+@dataclass(slots=True)
+class Partial:
+    """An edge aggregator's partial FedBuff sum, sent to the root on ``F.partials``.
+
+    Member ``i`` is update ``seqs[i]`` of ``parties[i]``, trained from ``bases[i]`` on
+    ``samples[i]`` examples. ``tensors`` holds ``sum_i n_i * S(version - bases[i]) * d_i`` and
+    ``weight`` the sum of those weights, with staleness measured against ``version``, the
+    newest root version the edge knew when it built the sum. ``number`` counts the edge's
+    partials; a partial sent again after a lost answer has the same members (see
+    ``aggregator.partials``).
+    """
+
+    KIND: ClassVar[str] = "partial"
+    edge: str
+    number: int
+    version: int
+    parties: list[str]
+    seqs: list[int]
+    bases: list[int]
+    samples: list[int]
+    weight: float
+    tensors: Tensors
+
+
+@dataclass(slots=True)
+class Taken:
+    """The root's answer to a ``Partial``.
+
+    ``parties``/``seqs``/``reasons`` name the members the root could not take now, each with
+    its reason (``duplicate`` for one its state already holds, or why it is refused).
+    ``accepted``: the root's state holds every member (applied now, or all named duplicates:
+    an answer lost on its way, a partial sent again); the edge acks the members' updates.
+    Else nothing was applied; the edge settles the named members and sends the others again
+    in a new partial.
+    ``version`` is the root's version now.
+    """
+
+    KIND: ClassVar[str] = "taken"
+    number: int
+    accepted: bool
+    version: int
+    parties: list[str]
+    seqs: list[int]
+    reasons: list[str]
+
+
 Message = (Update | Model | Join | Welcome | Leave | Heartbeat | Stop | Query | Report
-           | MaskRequest | MaskSum)
+           | MaskRequest | MaskSum | Partial | Taken)
 
 KINDS: dict[str, type[Message]] = {
     cls.KIND: cls for cls in (Update, Model, Join, Welcome, Leave, Heartbeat, Stop, Query, Report,
-                              MaskRequest, MaskSum)
+                              MaskRequest, MaskSum, Partial, Taken)
 }
