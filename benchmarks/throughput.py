@@ -10,6 +10,11 @@ last, so start-up is not counted.
 
     python -m benchmarks.throughput [--broker URL ...] [--params 1.2] [--count 150]
         [--rounds 3] [--profile]
+    python -m benchmarks.throughput --edges 1 2 [--edge-k 8] [--count 150] [--rounds 3]
+
+With ``--edges``, the same queue is drained by a root (``--role root``, on this thread)
+fed by N edge processes (``--role edge``), against one plain FedBuff aggregator, and the CPU
+of each stage is reported per update: root, edges (all of them), broker.
 
 ``--broker`` defaults to the local RabbitMQ and ``memory://``, each against its own raw
 baseline; each consumer is measured ``--rounds`` times, taking turns, and the medians compared.
@@ -23,6 +28,7 @@ import argparse
 import cProfile
 import math
 import multiprocessing as mp
+import os
 import pstats
 import statistics
 import tempfile
@@ -157,6 +163,110 @@ def aggregated(url: str, millions: float, count: int, strategy: str, queue_type:
     return clock.drain(count)
 
 
+def _run_edge(options: dict[str, object]) -> None:
+    """An edge aggregator process (spawned: it shares no interpreter with the root)."""
+    from aggregator.edge import Edge
+
+    Edge(AggregatorConfig(**options)).run()  # type: ignore[arg-type]
+
+
+@dataclass
+class ScaledDrain(Drain):
+    """A drain through edges: the root's CPU is ``consumer_cpu``; the edges' too."""
+
+    edges_cpu: float
+
+
+def through_edges(url: str, millions: float, count: int, edges: int, edge_k: int,
+                  queue_type: str) -> ScaledDrain:
+    """From the first to the last update applied by a root (on this thread, as the plain
+    aggregator above) fed by ``edges`` edge processes, the queue filled beforehand."""
+    federation = f"bench{uuid.uuid4().hex[:8]}"
+    tensors = tensors_of(millions)
+    common: dict[str, object] = dict(
+        broker=url, federation=federation, strategy="fedbuff", buffer_k=edge_k,
+        evaluate=False, min_parties=1, max_staleness=10**9, queue_type=queue_type,
+        max_message_bytes=1 << 30)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        config = AggregatorConfig(**common, role="root",  # type: ignore[arg-type]
+                                  checkpoint_dir=checkpoints)
+        root = Aggregator(config).start()
+        topology = Topology(federation, queue_type)
+        procs: list[mp.process.BaseProcess] = []
+        with connect(url) as broker:
+            topology.declare(broker)
+            welcome = decode(broker.call(topology.control, encode(Join("bench", 100, tensors)),
+                                         timeout=30).body)
+            assert isinstance(welcome, Welcome) and welcome.accepted
+            bodies = [encode(Update("bench", welcome.next_seq + i, 0, 100, tensors))
+                      for i in range(count)]
+            fill(url, topology.updates, bodies)
+            ctx = mp.get_context("spawn")
+            for i in range(edges):
+                proc = ctx.Process(target=_run_edge, args=(
+                    {**common, "role": "edge", "edge_id": f"edge-{i}", "edge_k": edge_k},))
+                proc.start()
+                procs.append(proc)
+            probes = [ProcessProbe(proc.pid) for proc in procs if proc.pid is not None]
+            clock = Clock()
+            marks: list[float] = []
+            while root.status.updates == 0:
+                time.sleep(0.001)
+            clock.mark()
+            marks.append(sum(p.cpu_seconds() for p in probes))
+            while root.status.updates < count:
+                time.sleep(0.001)
+            clock.mark()
+            marks.append(sum(p.cpu_seconds() for p in probes))
+            for proc in procs:
+                proc.kill()
+                proc.join()
+            root.stop()
+            root.wait(60)
+            for q in (topology.updates, topology.control, topology.dead, topology.partials):
+                broker.delete_queue(q)
+    drain = clock.drain(count)
+    return ScaledDrain(drain.seconds, drain.consumer_cpu, drain.broker_cpu,
+                       (marks[1] - marks[0]) * count / (count - 1))
+
+
+def edges_main(ns: argparse.Namespace) -> int:
+    """``--edges N ...``: a root fed by N edge processes against one plain aggregator
+    process, the same updates through the same broker, rounds taking turns."""
+    url = ns.broker[0]
+    if url.startswith("memory://"):
+        raise SystemExit("--edges needs RabbitMQ: edges are processes of their own")
+    body = encode(Update("bench", 0, 0, 100, tensors_of(ns.params)))
+    mb = len(body) / 1e6
+    print(f"\n{ns.count} updates of {mb:.1f} MB ({ns.params}M float32), {ns.queue_type} "
+          f"queue, broker {url.split('@')[-1]}; FedBuff k={ns.edge_k}, partials of "
+          f"{ns.edge_k}; {os.cpu_count()} cores")
+    who = ["single", *(f"{n} edges" for n in ns.edges)]
+    drains: dict[str, list[Drain]] = {w: [] for w in who}
+    for round_ in range(ns.rounds):
+        for w in _rotated(who, round_):
+            if w == "single":
+                drains[w].append(aggregated(url, ns.params, ns.count, "fedbuff",
+                                            ns.queue_type))
+            else:
+                drains[w].append(through_edges(url, ns.params, ns.count, int(w.split()[0]),
+                                               ns.edge_k, ns.queue_type))
+    rates = {w: statistics.median(ns.count / d.seconds for d in runs)
+             for w, runs in drains.items()}
+    first = next((w for w in who if w != "single"), "single")
+    print(f"{'aggregation':<12} {'applied/s':>9} {'MB/s':>7} {'vs single':>9} "
+          f"{'vs ' + first:>10}  CPU ms/update: {'root':>6} {'edges':>6} {'broker':>7}  "
+          f"runs (/s)")
+    for w, runs in drains.items():
+        cpu = {k: statistics.median(getattr(d, k, math.nan) / ns.count * 1e3 for d in runs)
+               for k in ("consumer_cpu", "edges_cpu", "broker_cpu")}
+        print(f"{w:<12} {rates[w]:9.1f} {rates[w] * mb:7.1f} {rates[w] / rates['single']:8.2f}x "
+              f"{rates[w] / rates[first]:9.2f}x  {'':14} {cpu['consumer_cpu']:6.2f} "
+              f"{cpu['edges_cpu']:6.2f} {cpu['broker_cpu']:7.2f}  "
+              f"{' '.join(f'{ns.count / d.seconds:.0f}' for d in runs)}")
+    return 0
+
+
 def _rotated(items: list[str], k: int) -> list[str]:
     return items[k % len(items):] + items[:k % len(items)]
 
@@ -173,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="measurements of each consumer, taking turns (medians reported)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each aggregator run: where its time goes")
+    parser.add_argument("--edges", type=int, nargs="+", metavar="N",
+                        help="instead: a root fed by N edge processes (for each N given) "
+                             "against one plain aggregator, on the first --broker (RabbitMQ)")
+    parser.add_argument("--edge-k", type=int, default=8,
+                        help="with --edges: updates per partial sum, and the root's buffer")
     ns = parser.parse_args(argv)
+    if ns.edges:
+        return edges_main(ns)
     body = encode(Update("bench", 0, 0, 100, tensors_of(ns.params)))
     mb = len(body) / 1e6
     for url in ns.broker:

@@ -218,6 +218,10 @@ BASE: dict[str, dict[str, Any]] = {
                      "weights": [1, 2, 16], "sealed": [bytes(80)] * 3,
                      "signatures": [bytes(64)] * 3, "length": 10},
     "mask-sum": {"request": 0, "accepted": True, "reason": "", "tensors": [W]},
+    "partial": {"edge": "e", "number": 0, "version": 3, "parties": ["a", "b"], "seqs": [1, 2],
+                "bases": [2, 3], "samples": [10, 20], "weight": 30.0, "tensors": [W]},
+    "taken": {"number": 0, "accepted": False, "version": 3, "parties": ["a"], "seqs": [1],
+              "reasons": ["duplicate"]},
 }
 
 
@@ -252,14 +256,18 @@ INTS = [  # kind, field, lowest, highest, reason outside
     ("mask-request", "request", 0, bounds.MAX_INT, "out-of-bounds"),
     ("mask-request", "length", 1, bounds.MAX_MASK_WORDS, "out-of-bounds"),
     ("mask-sum", "request", 0, bounds.MAX_INT, "out-of-bounds"),
+    ("partial", "number", 0, bounds.MAX_INT, "out-of-bounds"),
+    ("partial", "version", 0, bounds.MAX_VERSION, "out-of-bounds"),
+    ("taken", "number", 0, bounds.MAX_INT, "out-of-bounds"),
+    ("taken", "version", -1, bounds.MAX_VERSION, "out-of-bounds"),
 ]
 PARTIES = [("update", "party"), ("join", "party"), ("welcome", "party"), ("leave", "party"),
-           ("heartbeat", "party")]
+           ("heartbeat", "party"), ("partial", "edge")]
 TEXTS = [("join", "software", bounds.MAX_SOFTWARE), ("welcome", "reason", bounds.MAX_REASON),
          ("leave", "reason", bounds.MAX_REASON), ("stop", "reason", bounds.MAX_REASON),
          ("query", "what", bounds.MAX_WORD), ("mask-sum", "reason", bounds.MAX_REASON)]
 FLOATS = [("update", "sent_at"), ("model", "created_at"), ("join", "sent_at"),
-          ("heartbeat", "sent_at")]
+          ("heartbeat", "sent_at"), ("partial", "weight")]
 
 
 def fields_of_type(t: type) -> set[tuple[str, str]]:
@@ -299,6 +307,29 @@ def test_the_lists_and_secrets_of_secure_aggregation_are_bounded_item_by_item() 
         assert reason_of(body_of("update", **{name: "x"})) == "wrong-type"
         assert reason_of(body_of("update", **{name: bytes(257)})) == "too-large"
         assert getattr(dec("update", **{name: bytes(80)}), name) == bytes(80)
+
+
+def test_the_member_lists_of_partials_and_their_answers_are_bounded_item_by_item() -> None:
+    """An edge's partial names up to ``MAX_MASK_SET`` members; every item of its lists, and
+    of the root's answer, is checked like a field of its own."""
+    big = bounds.MAX_MASK_SET + 1
+    for kind, fields, reason in [
+        ("partial", {"parties": ["a", "b\n"]}, "bad-party"),
+        ("partial", {"parties": ["a"] * big}, "too-many"),
+        ("partial", {"seqs": [1, -1]}, "out-of-bounds"),
+        ("partial", {"seqs": [1, True]}, "wrong-type"),
+        ("partial", {"bases": [0, bounds.MAX_VERSION + 1]}, "out-of-bounds"),
+        ("partial", {"samples": [0, 1]}, "bad-samples"),
+        ("partial", {"samples": [1, bounds.MAX_SAMPLES + 1]}, "bad-samples"),
+        ("partial", {"weight": float("inf")}, "non-finite"),
+        ("partial", {"weight": "1"}, "wrong-type"),
+        ("taken", {"parties": ["a b"]}, "bad-party"),
+        ("taken", {"seqs": [bounds.MAX_SEQ + 1]}, "out-of-bounds"),
+        ("taken", {"reasons": ["x" * (bounds.MAX_WORD + 1)]}, "bad-text"),
+        ("taken", {"reasons": ["dup\nlicate"]}, "bad-text"),
+        ("taken", {"reasons": "duplicate"}, "wrong-type"),
+    ]:
+        assert reason_of(body_of(kind, **fields)) == reason, (kind, fields)
 
 
 @pytest.mark.parametrize("kind", sorted(BASE))
