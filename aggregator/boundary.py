@@ -25,9 +25,8 @@ from collections.abc import Callable
 
 from aggregator.outcomes import DeliveryEvent, Ending
 from messages.errors import BrokerError, InvalidMessage, StateError
-from messages.transport.broker import Delivery
+from messages.transport.broker import Broker, Delivery
 from messages.transport.chunked import ChunkedBroker, ChunkSettings, chunked
-from messages.transport.connect import connect
 from messages.wire.deadletters import INTERNAL_ERROR
 
 log = logging.getLogger("dfl.aggregator")
@@ -65,11 +64,11 @@ def dead_lettered(d: Delivery, reason: str, detail: str, reject: Reject) -> Deli
     return DeliveryEvent(Ending.DEAD_LETTERED, d.queue, reason=reason, detail=detail)
 
 
-def connect_guarded(url: str, settings: ChunkSettings, *, reject: Reject,
-                    notify: Callable[[DeliveryEvent], None]) -> ChunkedBroker:
-    """A connection whose chunk sets that fail or stall are dead-lettered and reported as
-    every other delivery is: the chunks of a big message stay unacked until it is whole and
-    handled, and such a set is never applied."""
-    return chunked(connect(url), settings,
+def guarded_chunks(broker: Broker, settings: ChunkSettings, *, reject: Reject,
+                   notify: Callable[[DeliveryEvent], None]) -> ChunkedBroker:
+    """``broker`` with chunk reassembly whose sets that fail or stall are dead-lettered and
+    reported as every other delivery is: the chunks of a big message stay unacked until it
+    is whole and handled, and such a set is never applied."""
+    return chunked(broker, settings,
                    reject=lambda d, exc: notify(dead_lettered(d, exc.reason, exc.detail,
                                                               reject)))

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregator.boundary import connect_guarded, dead_lettered, guard
+from aggregator.boundary import dead_lettered, guard, guarded_chunks
 from aggregator.config import AggregatorConfig
 from aggregator.dedupe import AppliedSeqs
+from aggregator.metrics import EdgeMetrics
 from aggregator.outcomes import DeliveryEvent, Ending, Observers
 from aggregator.partials import DUPLICATE, Member, build_partial
 from aggregator.staleness import make_staleness
@@ -40,6 +41,7 @@ from messages.daemon.allocator import keep_large_buffers
 from messages.errors import BrokerError, FederationError, InvalidMessage, RpcTimeout
 from messages.transport.broker import Delivery, mask_url
 from messages.transport.chunked import ChunkedBroker
+from messages.transport.connect import connect
 from messages.transport.envelope import check_envelope
 from messages.transport.supervisor import BackgroundService, Connected, supervise
 from messages.transport.topology import Topology
@@ -131,6 +133,7 @@ class Edge(BackgroundService):
             self._signer = load_signer(keys / f"{AGGREGATOR}.key", AGGREGATOR)
             self._root = aggregator_keyring(keys / f"{AGGREGATOR}.pub")
         self.status = EdgeStatus()
+        self.metrics = EdgeMetrics()
         self.observers = Observers()
         self.observers.add(self._account)
         self.names: list[str] = []
@@ -154,14 +157,24 @@ class Edge(BackgroundService):
     def run(self) -> EdgeStatus:
         """Serve until the root broadcasts a stop, or ``stop()``; returns the final status."""
         keep_large_buffers()
-        supervise(self._session, stop=self._stop, name=f"edge {self.edge_id}")
+        if self.config.metrics_port is not None:
+            self.metrics = EdgeMetrics(self.config.metrics_port)
+            log.info("metrics on http://0.0.0.0:%d/metrics (health: /livez, /readyz)",
+                     self.metrics.port)
+        self.metrics.stale_after = self.config.liveness_seconds
+        try:
+            supervise(self._session, stop=self._stop, name=f"edge {self.edge_id}",
+                      alive=self.metrics.tick)
+        finally:
+            self.metrics.close()
         return self.status
 
     # -- the session -----------------------------------------------------------------------
     def _session(self, connected: Connected) -> None:
         cfg = self.config
-        broker = self._broker = connect_guarded(cfg.broker, cfg, reject=self._dead_letter,
-                                                notify=self.observers.notify)
+        broker = self._broker = guarded_chunks(connect(cfg.broker), cfg,
+                                               reject=self._dead_letter,
+                                               notify=self.observers.notify)
         self._open, self._held, self._sent = [], set(), None
         try:
             self.topology.declare(broker)
@@ -174,12 +187,17 @@ class Edge(BackgroundService):
                 return
             self._probation = broker.consume(
                 self.topology.updates, self._guarded(self._handle_update), prefetch=1)
+            self.metrics.set_ready(True)
             log.info("edge %s up: federation %s, root version %d, partials of %d updates",
                      self.edge_id, cfg.federation, self.status.version, cfg.edge_k)
             while not self._stop.is_set():
                 broker.process_events(0.02)
                 self._pump(broker)
+                self.metrics.tick()
+                self.metrics.root_version.set(self.status.version)
         finally:
+            self.metrics.set_ready(False, "stopped" if self._stop.is_set() else
+                                   "not connected to the broker: reconnecting")
             self._broker = None
             broker.close()
 
@@ -298,6 +316,7 @@ class Edge(BackgroundService):
                 log.warning("edge %s: no answer to partial %d within %g s; sending it again",
                             self.edge_id, sent.number, self.config.edge_answer_seconds)
                 self.status.resent += 1
+                self.metrics.resent.inc()
                 self._publish(broker, sent)
         if self._sent is not None or not self._open:
             return
@@ -319,6 +338,7 @@ class Edge(BackgroundService):
         broker.expect_reply(sent.correlation_id)
         self._sent = sent
         self.status.partials += 1
+        self.metrics.partials.inc()
         self._publish(broker, sent)
 
     def _publish(self, broker: ChunkedBroker, sent: _InFlight) -> None:
@@ -386,15 +406,18 @@ class Edge(BackgroundService):
             self._open_since = 0.0  # send them at once
 
     def _account(self, event: DeliveryEvent) -> None:
-        s = self.status
+        s, m = self.status, self.metrics
         if event.ending is Ending.DEAD_LETTERED:
             s.dead[event.reason] += 1
+            m.rejected.labels(event.reason).inc()
             log.warning("edge %s: dead-lettered a message from %s: %s: %s", self.edge_id,
                         event.queue, event.reason, event.detail)
         elif event.ending is Ending.DUPLICATE:
             s.duplicates += 1
+            m.duplicates.inc()
         elif event.outcome == "taken":
             s.taken += 1
+            m.taken.inc()
 
     def _dead_letter(self, d: Delivery, reason: str, detail: str) -> None:
         broker = self._broker

@@ -48,3 +48,26 @@ class AggregatorMetrics(MetricsEndpoint):
         self.loss = Gauge("dfl_eval_loss", "Test loss of the last evaluated version",
                           registry=r)
         self.serve(port)
+
+
+class EdgeMetrics(MetricsEndpoint):
+    """An edge aggregator's instruments (``aggregator.edge``), named apart from the root's so
+    that a dashboard summing ``dfl_updates_applied`` counts every update once."""
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__()
+        r = self.registry
+        self.taken = Counter("dfl_edge_updates_taken", "Updates the root's state holds "
+                             "through this edge's partial sums (acked)", registry=r)
+        self.rejected = Counter("dfl_edge_updates_rejected", "Updates this edge dead-lettered, "
+                                "by reason (its own checks or the root's)", ["reason"],
+                                registry=r)
+        self.duplicates = Counter("dfl_edge_updates_duplicate",
+                                  "Updates the root already held (acked)", registry=r)
+        self.partials = Counter("dfl_edge_partials", "Partial sums sent (repeats apart)",
+                                registry=r)
+        self.resent = Counter("dfl_edge_partials_resent",
+                              "Partial sums sent again for want of an answer", registry=r)
+        self.root_version = Gauge("dfl_edge_root_version",
+                                  "The newest root version this edge knows", registry=r)
+        self.serve(port)

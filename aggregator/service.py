@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.boundary import connect_guarded, guard
+from aggregator.boundary import guard, guarded_chunks
 from aggregator.checkpoint import AggregatorState, CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.control import ControlProtocol
@@ -255,8 +255,9 @@ class Aggregator(BackgroundService):
 
     def _session(self, connected: Connected) -> None:
         cfg = self.config
-        broker = self._broker = connect_guarded(cfg.broker, cfg, reject=self._dead_letter,
-                                                notify=self.observers.notify)
+        broker = self._broker = guarded_chunks(connect(cfg.broker), cfg,
+                                               reject=self._dead_letter,
+                                               notify=self.observers.notify)
         self.durability.session(broker)
         try:
             self.topology.declare(broker)

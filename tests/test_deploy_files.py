@@ -340,7 +340,7 @@ def test_dfl_variables_and_flags_are_real_options(options: dict[str, set[str]],
 def test_compose_structure(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"rabbitmq", "keys", "aggregator", "worker", "helper-keys", "helper",
-                             "rabbitmq-2", "rabbitmq-3"}
+                             "rabbitmq-2", "rabbitmq-3", "edge"}
     rabbit = services["rabbitmq"]
     assert rabbit["image"].startswith("rabbitmq:3.13-management")
     assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
@@ -495,6 +495,19 @@ def test_dockerfile_structure() -> None:
                     assert not any(fnmatch.fnmatch(rel, pat) for pat in ignore), rel
 
 
+def test_compose_edges_are_the_aggregators_and_off_by_default(compose: dict[str, Any]) -> None:
+    """Profile ``edges``: edge aggregators log in as the aggregator (its broker user, its
+    key to sign partial sums) and run FedBuff; the aggregator's role comes from DFL_ROLE."""
+    services = compose["services"]
+    edge, agg = services["edge"], services["aggregator"]
+    assert edge["profiles"] == ["edges"]
+    assert edge["entrypoint"] == agg["entrypoint"]
+    assert edge["command"] == ["aggregator", "--role", "edge", "--keys", "/etc/dfl/keys"]
+    assert edge["environment"]["DFL_STRATEGY"] == "fedbuff"
+    assert "dfl-keys:/etc/dfl/keys:ro" in edge["volumes"] and "ports" not in edge
+    assert agg["environment"]["DFL_ROLE"] == "${DFL_ROLE:-single}"
+
+
 def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
     """The Dockerfile's HEALTHCHECK and the compose healthchecks, run for real against a
     stand-in of the metrics port on this machine (python stands in for the image's python):
@@ -530,7 +543,7 @@ def test_healthcheck_commands_work(compose: dict[str, Any]) -> None:
             live["/livez"] = False
             assert run(argv, env={**env, "DFL_METRICS_PORT": up}).returncode != 0
             live["/livez"] = True
-            for name in ("aggregator", "worker", "helper"):
+            for name in ("aggregator", "edge", "worker", "helper"):
                 test = compose["services"][name]["healthcheck"]["test"]
                 assert test[:2] == ["CMD", "python"]
                 assert "/livez'" in test[-1], name

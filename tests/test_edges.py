@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,7 @@ def test_two_edges_share_the_updates_and_the_root_takes_each_once(scaled: Scaled
 
 def test_an_edge_dead_letters_what_the_root_or_the_edge_refuses(scaled: Scaled) -> None:
     root = scaled.root(buffer_k=2)
-    edge = scaled.edge("edge-0", edge_k=1)
+    edge = scaled.edge("edge-0", edge_k=1, metrics_port=0)
     c = scaled.client()
     seq = {p: c.join(p).next_seq for p in ("a", "b")}
     wait_for("the edge to know the model", lambda: bool(edge.spec))
@@ -208,6 +209,13 @@ def test_an_edge_dead_letters_what_the_root_or_the_edge_refuses(scaled: Scaled) 
     wait_for("two updates applied", lambda: root.status.updates == 2)
     assert sorted(d.reason for d in c.dead) == ["non-finite", "unknown-party"]
     assert edge.status.dead == {"non-finite": 1, "unknown-party": 1}
+    wait_for("the edge to hear", lambda: edge.status.taken == 2)
+    wait_for("the metrics endpoint", lambda: edge.metrics.port is not None)
+    base = f"http://127.0.0.1:{edge.metrics.port}"
+    page = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    assert 'dfl_edge_updates_rejected_total{reason="non-finite"} 1.0' in page
+    assert "dfl_edge_updates_taken_total 2.0" in page
+    assert urllib.request.urlopen(f"{base}/readyz", timeout=5).status == 200
     stop(edge, root)
 
 
