@@ -9,8 +9,9 @@ updates. An update is acked only once the root's answer says its state holds it;
 handshake and why it counts every update once are in ``aggregator.partials``.
 
 One partial at a time waits for its answer (the next batch fills meanwhile); an answer not
-received within ``--edge-answer-seconds`` makes the edge send the same partial again (the
-root answers a partial it already holds with ``accepted``). After a (re)start the edge is on
+received within ``--edge-answer-seconds`` makes the edge send the same partial again, each
+try waiting twice as long, up to 10 minutes (the root answers a partial it already holds
+with ``accepted``). After a (re)start the edge is on
 probation as the aggregator is: a window of one delivery and partials of one update, until a
 delivery arrives that the broker had not delivered before, so that a message that crashes the
 edge is the only one whose delivery count grows.
@@ -38,7 +39,13 @@ from aggregator.partials import DUPLICATE, Member, build_partial
 from aggregator.staleness import make_staleness
 from aggregator.validation import check_update
 from messages.daemon.allocator import keep_large_buffers
-from messages.errors import BrokerError, FederationError, InvalidMessage, RpcTimeout
+from messages.errors import (
+    BrokerError,
+    FederationError,
+    InvalidMessage,
+    PublishRejected,
+    RpcTimeout,
+)
 from messages.transport.broker import Delivery, mask_url
 from messages.transport.chunked import ChunkedBroker
 from messages.transport.connect import connect
@@ -105,6 +112,7 @@ class _InFlight:
     body: bytes
     headers: dict[str, str] | None
     deadline: float
+    tries: int = 0
 
 
 class Edge(BackgroundService):
@@ -211,6 +219,10 @@ class Edge(BackgroundService):
                 log.warning("edge %s: the root did not answer a model query; asking again",
                             self.edge_id)
                 continue
+            except InvalidMessage as exc:  # a chunked reply that did not reassemble
+                log.warning("edge %s: the answer to a model query is unusable (%s); asking "
+                            "again", self.edge_id, exc)
+                continue
             try:
                 self._verify_root(reply)
                 msg = decode(reply.body, self.config.max_message_bytes)
@@ -224,7 +236,8 @@ class Edge(BackgroundService):
                 self.status.version = max(self.status.version, msg.version)
                 return
             if not isinstance(msg, Report):
-                raise InvalidMessage("wrong-kind", f"a {msg.KIND} answered a model query")
+                log.warning("edge %s: a %s answered a model query; asking again",
+                            self.edge_id, msg.KIND)
             broker.process_events(1.0)  # no model yet: no party has joined
 
     def _on_model(self, d: Delivery) -> None:
@@ -313,8 +326,8 @@ class Edge(BackgroundService):
             if reply is not None:
                 self._settle(broker, sent, reply)
             elif time.monotonic() >= sent.deadline:
-                log.warning("edge %s: no answer to partial %d within %g s; sending it again",
-                            self.edge_id, sent.number, self.config.edge_answer_seconds)
+                log.warning("edge %s: no answer to partial %d (try %d); sending it again",
+                            self.edge_id, sent.number, sent.tries)
                 self.status.resent += 1
                 self.metrics.resent.inc()
                 self._publish(broker, sent)
@@ -344,10 +357,18 @@ class Edge(BackgroundService):
     def _publish(self, broker: ChunkedBroker, sent: _InFlight) -> None:
         """To ``F.partials``, persistent and confirmed: once this returns the broker holds it
         for the root, which answers on this connection's reply queue."""
-        broker.publish("", self.topology.partials, sent.body, headers=sent.headers,
-                       mandatory=True, reply_to=broker.reply_address(),
-                       correlation_id=sent.correlation_id)
-        sent.deadline = time.monotonic() + self.config.edge_answer_seconds
+        # each try waits twice as long for its answer, up to 10 min: a root that is down
+        # finds few copies of one partial in its queue when it comes back
+        wait = min(self.config.edge_answer_seconds * 2**sent.tries, 600.0)
+        sent.tries += 1
+        sent.deadline = time.monotonic() + wait
+        try:
+            broker.publish("", self.topology.partials, sent.body, headers=sent.headers,
+                           mandatory=True, reply_to=broker.reply_address(),
+                           correlation_id=sent.correlation_id)
+        except PublishRejected as exc:  # not stored: tried again when its wait is over
+            log.warning("edge %s: the broker refused partial %d (%s); trying again in %g s",
+                        self.edge_id, sent.number, exc, wait)
 
     def _settle(self, broker: ChunkedBroker, sent: _InFlight, reply: Delivery) -> None:
         """The root answered: ack what its state holds, settle what it named, send the rest

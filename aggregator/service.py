@@ -79,6 +79,9 @@ from messages.wire.signing import (
 )
 
 log = logging.getLogger("dfl.aggregator")
+ROOT_KEEP = 256
+"""A root's exact duplicate window per party: edges hold a party's updates for a while each,
+so its seqs reach the root further out of order than one consumer's window returns them."""
 CRASH_HOOK = "DFL_TEST_CRASH_PARTY"
 """Test-only fault injection: an aggregator started with this variable set exits at once
 (``os._exit(70)``, as a crash would) when it reads an update of that party, so tests can show
@@ -143,7 +146,8 @@ class Aggregator(BackgroundService):
         self.weights: NDArrays = []
         self.spec: TensorSpec = ()
         # a returned window reorders at most a window's worth of one party's updates
-        self.applied = AppliedSeqs(max(KEEP, 2 * config.prefetch))
+        self.applied = AppliedSeqs(max(KEEP, 2 * config.prefetch,
+                                       ROOT_KEEP if config.role == "root" else 0))
         """The (party, seq) the state holds: the duplicate check (``aggregator.dedupe``)."""
         self.incarnation: dict[str, int] = {}
         self.ledger: list[list[Any]] = []
@@ -601,14 +605,23 @@ class Aggregator(BackgroundService):
         assert self._broker is not None
         cfg = self.config
         check_envelope(d)
+        unsigned: InvalidMessage | None = None
         if self._edges is not None:
-            self._edges.verify(d.body, d.headers)
+            try:
+                self._edges.verify(d.body, d.headers)
+            except InvalidMessage as exc:  # refused below, once it can be answered
+                unsigned = exc
         partial = decode(d.body, cfg.max_message_bytes)
         if not isinstance(partial, Partial):
             raise InvalidMessage("wrong-queue", f"{partial.KIND} does not belong on partials")
         try:
+            if unsigned is not None:
+                raise unsigned
             check_partial(partial, self.spec)
-        except InvalidMessage as exc:  # the edge dead-letters each member with the reason
+        except InvalidMessage as exc:
+            # Answered, so the edge dead-letters each member with the reason (our answers are
+            # signed: a forger learns nothing from one). Unanswered, the edge would send the
+            # same partial again and again.
             self._answer_partial(d, partial, [(i, exc.reason)
                                               for i in range(len(partial.parties))])
             raise

@@ -246,6 +246,14 @@ def test_a_partial_sent_twice_is_applied_once_and_an_overlap_is_refused(
     assert (refused.parties, refused.seqs, refused.reasons) == (["a"], [seq + 1], [DUPLICATE])
     assert root.version == 1 and root.status.updates == 2
     np.testing.assert_allclose(root.weights[0], 2.0)
+    # a partial the root cannot use at all is answered too, every member named: unanswered,
+    # its edge would send it again and again
+    wrong = Partial("edge-z", 4, 1, ["a", "b"], [seq + 5, 9], [1, 1], [1, 1], 2.0,
+                    {"x": np.zeros(3, np.float32)})
+    answer = send(wrong)
+    assert not answer.accepted and answer.number == 4
+    assert answer.reasons == ["tensor-names", "tensor-names"]
+    assert root.version == 1 and root.status.updates == 2
     stop(root)
 
 
