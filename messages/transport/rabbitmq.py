@@ -101,7 +101,13 @@ def _translated(what: str) -> Iterator[None]:
         raise AccessRefused(f"{what}: login refused, check the user and password ({exc})"
                             ) from None
     except pe.ProbableAccessDeniedError as exc:
-        raise AccessRefused(f"{what}: access to the vhost refused ({exc})") from None
+        # pika names every connection lost while opening the vhost a "probable denial"; the
+        # broker's own refusal carries its close code 530 (NOT_ALLOWED). A reset at that stage
+        # (a loaded broker, seen in CI) is an outage to retry, not a refusal to stop for.
+        if "(530)" in str(exc) or "NOT_ALLOWED" in str(exc):
+            raise AccessRefused(f"{what}: access to the vhost refused ({exc})") from None
+        raise ConnectionLost(f"{what}: the connection dropped while opening the vhost "
+                             f"({exc})") from None
     except (pe.AMQPConnectionError, pe.AMQPChannelError, pe.ChannelWrongStateError,
             pe.ConnectionWrongStateError, ConnectionError, OSError) as exc:
         raise ConnectionLost(f"{what}: {type(exc).__name__} {exc}") from None
