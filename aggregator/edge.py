@@ -33,6 +33,7 @@ from typing import Any
 from aggregator.boundary import dead_lettered, guard, guarded_chunks
 from aggregator.config import AggregatorConfig
 from aggregator.dedupe import AppliedSeqs
+from aggregator.keys import party_keys
 from aggregator.metrics import EdgeMetrics
 from aggregator.outcomes import DeliveryEvent, Ending, Observers
 from aggregator.partials import DUPLICATE, Member, build_partial
@@ -57,11 +58,11 @@ from messages.wire.codec import decode, encode
 from messages.wire.kinds import Model, Query, Report, Stop, Taken, Update
 from messages.wire.signing import (
     AGGREGATOR,
+    KeyDirectory,
     Keyring,
     Signer,
     aggregator_keyring,
     check_signer,
-    load_keyring,
     load_signer,
     signature_headers,
 )
@@ -72,6 +73,10 @@ CRASH_HOOK = "DFL_TEST_EDGE_CRASH_ON_ANSWER"
 (``os._exit(70)``, as a kill -9 would) when the N-th accepted answer arrives, before it acks
 a single update of that partial: the worst moment for counting twice. Nothing sets it
 outside tests."""
+
+
+_NONE_APPLIED = AppliedSeqs(1)
+"""The duplicate check is the root's: to an edge no seq is applied yet (never added to)."""
 
 
 class _Anyone:
@@ -130,14 +135,14 @@ class Edge(BackgroundService):
                                  config.updates_max_length, config.delivery_limit)
         self.staleness = make_staleness(config.staleness, a=config.staleness_a,
                                         b=config.staleness_b)
-        self._keyring: Keyring | None = None
+        self._keyring: KeyDirectory | None = None
         self._root: Keyring | None = None
         self._signer: Signer | None = None
         if config.keys_dir:
             # an edge is the root's operator's: it holds the aggregator's key, with which its
             # partials are signed and the root's answers and models are checked
             keys = Path(config.keys_dir)
-            self._keyring = load_keyring(keys, exclude=AGGREGATOR)
+            self._keyring = party_keys(config.keys_dir)
             self._signer = load_signer(keys / f"{AGGREGATOR}.key", AGGREGATOR)
             self._root = aggregator_keyring(keys / f"{AGGREGATOR}.pub")
         self.status = EdgeStatus()
@@ -299,7 +304,7 @@ class Edge(BackgroundService):
         update = check_update(message, parties=_Anyone(), spec=self.spec,
                               version=max(self.status.version, base if isinstance(base, int)
                                           else 0),
-                              max_staleness=cfg.max_staleness, applied=AppliedSeqs(1),
+                              max_staleness=cfg.max_staleness, applied=_NONE_APPLIED,
                               max_abs=cfg.max_delta_abs)
         assert isinstance(update, Update)
         key = (update.party, update.seq)

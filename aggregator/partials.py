@@ -122,3 +122,9 @@ def refusals(p: Partial, *, parties: Container[str], granted: Mapping[str, int],
             out.append((i, "stale"))
         seen.add((party, seq))
     return out
+
+
+def all_held(p: Partial, problems: list[tuple[int, str]]) -> bool:
+    """Whether ``refusals`` found every member of ``p`` already in the state: the partial is
+    taken (nothing to apply), not refused."""
+    return len(problems) == len(p.parties) and all(r == DUPLICATE for _i, r in problems)

@@ -34,10 +34,11 @@ from aggregator.dedupe import KEEP, AppliedSeqs
 from aggregator.distribution import ModelReplies, push_model
 from aggregator.durability import Durability
 from aggregator.evaluation import EvalRecord, Evaluator, load_keras_weights
+from aggregator.keys import party_keys
 from aggregator.membership import Membership, Party
 from aggregator.metrics import AggregatorMetrics
 from aggregator.outcomes import DeliveryEvent, Ending, Observers, UpdateStage
-from aggregator.partials import DUPLICATE, check_partial, refusals
+from aggregator.partials import DUPLICATE, all_held, check_partial, refusals
 from aggregator.report import Status
 from aggregator.secure import MaskCoordinator
 from aggregator.staleness import make_staleness
@@ -53,7 +54,7 @@ from aggregator.strategies.secure import SecureFedBuff
 from aggregator.validation import check_update
 from messages.daemon.allocator import keep_large_buffers
 from messages.daemon.plugins import build_model
-from messages.errors import ConfigError, FederationError, InvalidMessage, StateError
+from messages.errors import FederationError, InvalidMessage, StateError
 from messages.secagg.sealing import SealedSeed
 from messages.transport.broker import Broker, Delivery, mask_url
 from messages.transport.chunked import ChunkedBroker
@@ -69,16 +70,17 @@ from messages.wire.signing import (
     AGGREGATOR,
     SIGNATURE_HEADER,
     SIGNER_HEADER,
+    KeyDirectory,
     Keyring,
     Signer,
     aggregator_keyring,
     check_signer,
-    load_keyring,
     load_signer,
     signature_headers,
 )
 
 log = logging.getLogger("dfl.aggregator")
+
 ROOT_KEEP = 256
 """A root's exact duplicate window per party: edges hold a party's updates for a while each,
 so its seqs reach the root further out of order than one consumer's window returns them."""
@@ -130,14 +132,12 @@ class Aggregator(BackgroundService):
         self.observers.add(self._account)
         self.control = ControlProtocol(self)
         self._crash_party = os.environ.get(CRASH_HOOK)
-        self._keyring: Keyring | None = None
+        self._keyring: KeyDirectory | None = None
         self._signer: Signer | None = None
-        self._keys_mtime = 0
         if config.keys_dir:
             # Checked at construction: a daemon with a broken key directory must not start.
-            self._keyring = load_keyring(config.keys_dir, exclude=AGGREGATOR)
+            self._keyring = party_keys(config.keys_dir)
             self._signer = load_signer(Path(config.keys_dir) / f"{AGGREGATOR}.key", AGGREGATOR)
-            self._keys_mtime = os.stat(config.keys_dir).st_mtime_ns
         # a root takes partial sums only from edges, which sign with the aggregator's own key
         self._edges: Keyring | None = (
             aggregator_keyring(Path(config.keys_dir) / f"{AGGREGATOR}.pub")
@@ -637,8 +637,7 @@ class Aggregator(BackgroundService):
                     self.observers.notify(DeliveryEvent(Ending.DUPLICATE, d.queue, "update",
                                                         partial.parties[i], partial.seqs[i]))
             self._answer_partial(d, partial, problems)
-            held = (len(problems) == len(partial.parties)
-                    and all(reason == DUPLICATE for _i, reason in problems))
+            held = all_held(partial, problems)
             return DeliveryEvent(Ending.DUPLICATE if held else Ending.APPLIED, d.queue,
                                  "partial", partial.edge, partial.number,
                                  outcome="held" if held else "refused", durable=False)
@@ -676,8 +675,7 @@ class Aggregator(BackgroundService):
         """``Taken``, naming each member of ``problems`` with its reason: accepted when there
         are none, or when the state already holds every member (all named ``duplicate``)."""
         assert self._broker is not None
-        held = len(problems) == len(partial.parties) and all(
-            reason == DUPLICATE for _i, reason in problems)
+        held = all_held(partial, problems)
         answer = encode(Taken(partial.number, not problems or held, self.status.version,
                               [partial.parties[i] for i, _r in problems],
                               [partial.seqs[i] for i, _r in problems],
@@ -727,28 +725,12 @@ class Aggregator(BackgroundService):
         once decoded. A signer the keyring does not know makes the key directory read
         again if it changed since (a party added later with ``dfl admin``).
         """
-        ring = self._keyring
-        if ring is None:
+        if self._keyring is None:
             return None
         if (query_ok and SIGNER_HEADER not in d.headers and SIGNATURE_HEADER not in d.headers
                 and len(d.body) <= 4096):
             return None
-        try:
-            return ring.verify(d.body, d.headers)
-        except InvalidMessage as exc:
-            assert self.config.keys_dir is not None
-            try:
-                mtime = os.stat(self.config.keys_dir).st_mtime_ns
-            except OSError:
-                raise exc from None
-            if exc.reason != "unknown-signer" or mtime == self._keys_mtime:
-                raise
-        self._keys_mtime = mtime
-        try:
-            self._keyring = load_keyring(self.config.keys_dir, exclude=AGGREGATOR)
-        except ConfigError as exc:  # a bad file added at run time: keep the old ring
-            log.error("key directory not re-read: %s", exc)
-        return (self._keyring or ring).verify(d.body, d.headers)
+        return self._keyring.verify(d.body, d.headers)
 
     def _dead_letter(self, d: Delivery, reason: str, detail: str) -> None:
         """To ``F.dead`` byte for byte, its reason beside it (``messages.wire.deadletters``)."""

@@ -7,6 +7,7 @@ reason and leave the global weights bitwise unchanged. Runs on memory:// and Rab
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from messages.wire.kinds import Heartbeat, Join, Model, Query, Report, Update
 from messages.wire.signing import (
     AGGREGATOR,
     SIGNATURE_HEADER,
+    KeyDirectory,
     Signer,
     aggregator_keyring,
     load_keyring,
@@ -233,3 +235,25 @@ def test_a_bad_key_option_stops_the_daemon_at_start(tmp_path: Path) -> None:
     with pytest.raises(InvalidMessage):
         aggregator_keyring(make_ed25519(tmp_path, AGGREGATOR).with_suffix(".pub")).verify(
             b"x", {})
+
+
+def test_a_key_directory_is_read_again_for_a_signer_added_after_it_was_loaded(
+        tmp_path: Path) -> None:
+    """Aggregators and edges take a party that ``dfl admin`` added while they run; an
+    unknown signer with the directory unchanged stays unknown, and so does the aggregator's
+    own key."""
+    keys = tmp_path / "keys"
+    make_ed25519(keys, "a")
+    make_ed25519(keys, AGGREGATOR)
+    trust = KeyDirectory(keys, exclude=AGGREGATOR)
+    outsider = load_signer(make_ed25519(tmp_path / "elsewhere", "b"), "b")
+    body = b"an update"
+    with pytest.raises(InvalidMessage, match="no 'ed25519' key for signer 'b'"):
+        trust.verify(body, outsider.headers(body))
+    time.sleep(0.01)  # a new mtime even on coarse clocks
+    b_key = make_ed25519(keys, "b")
+    assert trust.verify(body, load_signer(b_key, "b").headers(body)) == "b"
+    own = load_signer(keys / f"{AGGREGATOR}.key", AGGREGATOR)
+    with pytest.raises(InvalidMessage) as exc:
+        trust.verify(body, own.headers(body))
+    assert exc.value.reason == "unknown-signer"

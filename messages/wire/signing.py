@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,40 @@ def load_keyring(directory: str | Path, *, exclude: str = "") -> Keyring:
         elif p.suffix == ".secret":
             ring.secrets[p.stem] = _secret(p)
     return ring
+
+
+class KeyDirectory:
+    """The trust of a receiver that reads a key directory (``load_keyring``): a signer the
+    ring does not know makes the directory read again if it changed since, so a party added
+    later with ``dfl admin`` is taken without a restart. A bad file added at run time keeps
+    the old ring (``on_error`` is told why)."""
+
+    def __init__(self, directory: str | Path, *, exclude: str = "",
+                 on_error: Callable[[ConfigError], None] | None = None) -> None:
+        self.directory = Path(directory)
+        self.exclude = exclude
+        self.ring = load_keyring(self.directory, exclude=exclude)
+        self._mtime = os.stat(self.directory).st_mtime_ns
+        self._on_error = on_error
+
+    def verify(self, body: bytes, headers: Mapping[str, Any]) -> str:
+        """As ``Keyring.verify``, reading the directory again for an unknown signer."""
+        try:
+            return self.ring.verify(body, headers)
+        except InvalidMessage as exc:
+            try:
+                mtime = os.stat(self.directory).st_mtime_ns
+            except OSError:
+                raise exc from None
+            if exc.reason != "unknown-signer" or mtime == self._mtime:
+                raise
+        self._mtime = mtime
+        try:
+            self.ring = load_keyring(self.directory, exclude=self.exclude)
+        except ConfigError as exc:
+            if self._on_error is not None:
+                self._on_error(exc)
+        return self.ring.verify(body, headers)
 
 
 def aggregator_keyring(path: str | Path) -> Keyring:
